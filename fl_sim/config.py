@@ -1,0 +1,256 @@
+"""The experiment config: typed, validated, with one-line errors that name the key.
+
+A config is YAML (see configs/). `key.sub=value` overrides from the command line are
+applied before validation. Anything unknown or out of range is a `ConfigError` whose
+message names the key and what is allowed; the CLI turns it into exit code 2.
+"""
+from __future__ import annotations
+
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class ConfigError(ValueError):
+    """A bad config: the message is one line naming the key and what is allowed."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    name: str = "orl"
+    image_size: int = Field(64, ge=16, le=512)
+    root: str | None = None
+    download: bool = False
+    max_images: int | None = Field(None, ge=1)
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    options: dict[str, float | int | str] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _known_dataset(cls, v: str) -> str:
+        from fl_sim.data import DATASETS
+
+        if v not in DATASETS:
+            raise ValueError(f"unknown data set {v!r}; allowed: {', '.join(sorted(DATASETS))}")
+        return v
+
+
+class PublicDataConfig(DataConfig):
+    """The attacker's public face set D_c (disjoint from every client's data)."""
+
+    name: str = "synthetic"
+    size: int = Field(100, ge=1)
+    test_fraction: float = 0.0
+
+
+class ModelConfig(Section):
+    name: str = "resnet18"
+    weights: str | None = None  # a local state_dict file
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, v: str) -> str:
+        from fl_sim.models import MODELS
+
+        if v not in MODELS:
+            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(sorted(MODELS))}")
+        return v
+
+
+class FederationConfig(Section):
+    num_clients: int = Field(100, ge=1)
+    clients_per_round: int = Field(10, ge=1)
+    rounds: int = Field(3, ge=1)
+    algorithm: Literal["fedsgd", "fedavg"] = "fedsgd"
+    batch_size: int = Field(1, ge=1)  # FedSGD: images in the client's one step; FedAvg: minibatch
+    local_lr: float = Field(0.01, gt=0)
+    local_epochs: int = Field(1, ge=1)
+    local_steps: int | None = Field(None, ge=1)  # FedAvg: overrides epochs when set
+    server_lr: float = Field(0.1, gt=0)  # FedSGD: w <- w - server_lr * mean gradient
+    partitioning: Literal["iid", "by-identity", "dirichlet"] = "by-identity"
+    dirichlet_alpha: float = Field(0.5, gt=0)
+    eval_every: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _sample_fits(self) -> "FederationConfig":
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
+            )
+        return self
+
+
+class VictimConfig(Section):
+    mode: Literal["sampled", "explicit", "all"] = "sampled"
+    k: int = Field(4, ge=1)  # sampled: victims per attacked round, among that round's clients
+    ids: list[int] = Field(default_factory=list)  # explicit: partition ids
+
+
+class ThreatConfig(Section):
+    victims: VictimConfig = Field(default_factory=VictimConfig)
+    rounds: list[int] = Field(default_factory=lambda: [1])
+    labels_known: bool = False  # do clients send their labels with the update?
+    public_data: PublicDataConfig = Field(default_factory=PublicDataConfig)
+
+
+class AttackConfig(Section):
+    name: str
+    label: str | None = None  # how it is listed in results; defaults to name
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
+
+
+class DefenseConfig(Section):
+    name: str
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class EngineConfig(Section):
+    backend: Literal["ray", "inprocess"] = "ray"
+    ray_address: str | None = None  # join an existing Ray cluster ("auto" or host:port)
+    client_num_cpus: float = Field(1.0, gt=0)
+    client_num_gpus: float = Field(0.0, ge=0)
+    attack_parallelism: int = Field(1, ge=1)  # attacks run at once (Ray tasks when > 1)
+
+
+class MetricsConfig(Section):
+    lpips: bool = True
+    id_backend: Literal["facenet", "sface"] | None = "facenet"
+
+
+class ExperimentConfig(Section):
+    name: str = "experiment"
+    seed: int = 0
+    device: str = "cpu"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
+    threat: ThreatConfig = Field(default_factory=ThreatConfig)
+    attacks: list[AttackConfig] = Field(default_factory=list)
+    defenses: list[DefenseConfig] = Field(default_factory=list)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not (v == "cpu" or v == "cuda" or v.startswith("cuda:")):
+            raise ValueError(f"device {v!r} is not allowed; allowed: cpu, cuda, cuda:N")
+        return v
+
+    @model_validator(mode="after")
+    def _unique_attack_labels(self) -> "ExperimentConfig":
+        keys = [a.key for a in self.attacks]
+        dup = {k for k in keys if keys.count(k) > 1}
+        if dup:
+            raise ValueError(f"attack labels must be unique; repeated: {', '.join(sorted(dup))} (set `label`)")
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------
+# Loading, overrides and one-line errors
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (numbers, lists...)."""
+    if "=" not in assignment:
+        raise ConfigError(f"override {assignment!r} must look like key.sub=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node: Any = tree
+    for i, k in enumerate(keys[:-1]):
+        if isinstance(node, list):
+            node = node[_list_index(node, k, keys[: i + 1])]
+            continue
+        node = node.setdefault(k, {})
+        if not isinstance(node, (dict, list)):
+            raise ConfigError(f"override {dotted!r}: {'.'.join(keys[: i + 1])} is not a section")
+    value = yaml.safe_load(raw) if raw.strip() else None
+    if isinstance(node, list):
+        node[_list_index(node, keys[-1], keys)] = value
+    else:
+        node[keys[-1]] = value
+
+
+def _list_index(node: list, key: str, path: list[str]) -> int:
+    if not key.isdigit() or int(key) >= len(node):
+        raise ConfigError(f"override {'.'.join(path)}: {key!r} is not an index below {len(node)}")
+    return int(key)
+
+
+def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file {p} does not exist")
+        try:
+            tree = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{p} must hold a mapping of sections at the top level")
+    for o in overrides:
+        apply_override(tree, o)
+    return parse_config(tree)
+
+
+def parse_config(tree: dict[str, Any]) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(describe_error(exc)) from None
+
+
+def describe_error(exc: ValidationError) -> str:
+    """The first error as one line: `key: what is wrong; allowed: ...`."""
+    err = exc.errors()[0]
+    loc = [str(p) for p in err["loc"]]
+    key = ".".join(loc) or "config"
+    if err["type"] == "extra_forbidden":
+        allowed = _allowed_keys(ExperimentConfig, loc[:-1])
+        return f"unknown key {key!r}; allowed keys here: {', '.join(allowed)}"
+    if err["type"] == "literal_error":
+        return f"{key}: {err['input']!r} is not allowed; allowed: {err['ctx']['expected']}"
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+    return f"{key}: {msg} (got {err.get('input')!r}){more}"
+
+
+def _allowed_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        if part.isdigit():
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            break
+        sub = _section_type(field.annotation)
+        if sub is None:
+            break
+        model = sub
+    return list(model.model_fields)
+
+
+def _section_type(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _section_type(arg)
+        if found is not None:
+            return found
+    return None
+
+
+__all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_config", "apply_override"]

@@ -1,0 +1,199 @@
+"""Reconstruction metrics: mse, psnr, ssim, lpips, identity similarity, label accuracy.
+
+Images are float tensors in [0, 1], (N, C, H, W). Every function returns one value per
+image pair, so a batch's metrics are a vector and the caller decides how to aggregate.
+"""
+from __future__ import annotations
+
+import pickle
+import warnings
+from functools import lru_cache
+from typing import Callable, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy.optimize import linear_sum_assignment
+
+from fl_sim import assets
+
+
+def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    a, b = a.detach().float().cpu(), b.detach().float().cpu()
+    return (a, b) if a.dim() == 4 else (a.unsqueeze(0), b.unsqueeze(0))
+
+
+def mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    a, b = _pair(a, b)
+    return ((a - b) ** 2).flatten(1).mean(1)
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB for images in [0, 1]."""
+    return 10 * torch.log10(1.0 / mse(a, b).clamp_min(1e-10))
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Standard Gaussian-window SSIM (11 x 11, sigma 1.5), torchmetrics' implementation."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    a, b = _pair(a, b)
+    return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+
+
+@lru_cache(maxsize=1)
+def _lpips_model() -> torch.nn.Module:
+    """LPIPS v0.1 on AlexNet with the real backbone from the `lpips-alexnet` asset.
+
+    lpips fetches its backbone from a torchvision download, which fails offline, and with
+    pnet_rand=True it silently keeps a random one. So build it with pnet_rand=True, then
+    load the pretrained AlexNet convolutions (flax HWIO kernels) ourselves.
+    """
+    import lpips
+
+    with warnings.catch_warnings():  # torchvision's "pretrained is deprecated" from inside lpips
+        warnings.simplefilter("ignore", UserWarning)
+        model = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False)
+    with open(assets.get("lpips-alexnet"), "rb") as fh:
+        ckpt = pickle.load(fh)["AlexNet_0"]
+    convs = [m for m in model.net.modules() if isinstance(m, torch.nn.Conv2d)]
+    if len(convs) != 5:
+        raise RuntimeError(f"expected AlexNet's 5 convolutions, found {len(convs)}")
+    with torch.no_grad():
+        for i, conv in enumerate(convs):
+            kernel = torch.from_numpy(np.asarray(ckpt[f"Conv_{i}"]["kernel"])).permute(3, 2, 0, 1)
+            conv.weight.copy_(kernel)
+            conv.bias.copy_(torch.from_numpy(np.asarray(ckpt[f"Conv_{i}"]["bias"])))
+    return model.eval().requires_grad_(False)
+
+
+def lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """LPIPS v0.1 (AlexNet) distance; lower is more similar."""
+    a, b = _pair(a, b)
+    with torch.no_grad():
+        return _lpips_model()(a * 2 - 1, b * 2 - 1).flatten()
+
+
+# ---------------------------------------------------------------------------------------
+# Identity similarity with face-recognition backends
+
+
+class FaceEmbedder(Protocol):
+    name: str
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """(N, 3, H, W) in [0, 1] -> (N, D) L2-normalised embeddings."""
+
+
+def _to_uint8_rgb(images: torch.Tensor, size: int) -> np.ndarray:
+    x = F.interpolate(images.detach().float().cpu(), size=(size, size), mode="bilinear",
+                      align_corners=False, antialias=True)
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _l2n(v: np.ndarray) -> np.ndarray:
+    return v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
+
+
+class SFaceEmbedder:
+    """SFace (OpenCV model zoo), 112 x 112 crops; the oracle's model."""
+
+    name = "sface"
+
+    def __init__(self) -> None:
+        import onnx
+        import onnxruntime as ort
+
+        # The quantised file still lists the float weights as graph inputs, though no node
+        # reads them any more (they were replaced by dequantised copies); onnxruntime then
+        # demands them as feeds. Drop every graph input that no node consumes.
+        model = onnx.load(str(assets.get("sface")))
+        consumed = {i for node in model.graph.node for i in node.input}
+        for graph_input in [i for i in model.graph.input if i.name not in consumed]:
+            model.graph.input.remove(graph_input)
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.intra_op_num_threads = 1
+        self._session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        # SFace takes a batch of one: 1 x 3 x 112 x 112 RGB in 0..255.
+        x = _to_uint8_rgb(images, 112).astype(np.float32).transpose(0, 3, 1, 2)
+        out = [self._session.run(None, {"data": img[None]})[0].reshape(-1) for img in x]
+        return _l2n(np.stack(out).astype(np.float32))
+
+
+class FaceNetEmbedder:
+    """FaceNet Inception-ResNet-v1 (CASIA-WebFace), 160 x 160 prewhitened; the critic."""
+
+    name = "facenet"
+
+    def __init__(self) -> None:
+        import cv2
+
+        self._net = cv2.dnn.readNetFromTensorflow(str(assets.get("facenet")))
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        x = _to_uint8_rgb(images, 160).astype(np.float32)
+        # FaceNet's prewhitening: per image zero mean, unit variance (std floored).
+        mean = x.mean(axis=(1, 2, 3), keepdims=True)
+        std = np.maximum(x.std(axis=(1, 2, 3), keepdims=True), 1.0 / np.sqrt(x[0].size))
+        blob = np.ascontiguousarray(((x - mean) / std).transpose(0, 3, 1, 2))
+        out = []
+        for img in blob:  # the frozen graph's reshape fixes the batch at one
+            self._net.setInput(img[None])
+            out.append(self._net.forward().reshape(-1))
+        return _l2n(np.stack(out))
+
+
+EMBEDDERS: dict[str, Callable[[], FaceEmbedder]] = {"sface": SFaceEmbedder, "facenet": FaceNetEmbedder}
+
+
+@lru_cache(maxsize=4)
+def embedder(name: str) -> FaceEmbedder:
+    if name not in EMBEDDERS:
+        raise KeyError(f"unknown face-recognition backend {name!r}; choose one of {sorted(EMBEDDERS)}")
+    return EMBEDDERS[name]()
+
+
+def id_similarity(a: torch.Tensor, b: torch.Tensor, backend: str = "facenet") -> torch.Tensor:
+    """Cosine similarity of the two images' face embeddings, per pair."""
+    a, b = _pair(a, b)
+    model = embedder(backend)
+    return torch.from_numpy((model.embed(a) * model.embed(b)).sum(1))
+
+
+def label_accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
+    """Share of labels recovered, as multisets (a batch's order is unknown to the attacker)."""
+    p = np.bincount(predicted.cpu().numpy(), minlength=1)
+    t = np.bincount(truth.cpu().numpy(), minlength=1)
+    n = max(len(p), len(t))
+    p, t = np.pad(p, (0, n - len(p))), np.pad(t, (0, n - len(t)))
+    return float(np.minimum(p, t).sum() / max(len(truth), 1))
+
+
+def match_to_truth(recon: torch.Tensor, truth: torch.Tensor) -> np.ndarray:
+    """Hungarian matching by MSE: order[i] is the reconstruction matched to truth image i."""
+    r = recon.detach().float().cpu().flatten(1)
+    t = truth.detach().float().cpu().flatten(1)
+    cost = torch.cdist(t, r).pow(2).numpy()
+    rows, cols = linear_sum_assignment(cost)
+    return cols[np.argsort(rows)]
+
+
+METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "psnr": psnr, "mse": mse, "ssim": ssim, "lpips": lpips,
+}
+
+
+def image_metrics(recon: torch.Tensor, truth: torch.Tensor, names: list[str] | None = None,
+                  id_backend: str | None = None) -> dict[str, np.ndarray]:
+    """Every named metric per image, after matching the batch to the ground truth."""
+    order = match_to_truth(recon, truth)
+    recon = recon.detach().cpu()[torch.as_tensor(order)]
+    out = {n: METRICS[n](recon, truth).numpy() for n in (names or list(METRICS))}
+    if id_backend:
+        out["id_similarity"] = id_similarity(recon, truth, id_backend).numpy()
+    return out

@@ -1,0 +1,196 @@
+"""The run directory and its results store.
+
+    runs/NAME/
+      config.yaml     the resolved config
+      results.sqlite  the store: every finished (round, client, attack) and round, at once
+      metrics.csv     one row per (round, client, attack), exported from the store
+      rounds.csv      one row per round
+      images/         ground truth and reconstructions as PNG
+      report.html
+
+SQLite makes each finished attack durable the moment it ends (a killed run loses only the
+work in progress) and lets a resumed run ask what is already done.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import sqlite3
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pandas as pd
+import torch
+from PIL import Image
+
+import yaml
+
+from fl_sim.config import ExperimentConfig, parse_config
+
+
+@dataclass
+class AttackRecord:
+    """One finished attack on one victim's update in one round."""
+
+    round: int
+    client: int
+    attack: str
+    psnr: float = float("nan")
+    mse: float = float("nan")
+    ssim: float = float("nan")
+    lpips: float = float("nan")
+    id_similarity: float = float("nan")
+    label_accuracy: float = float("nan")
+    iterations: int = 0
+    seconds: float = 0.0
+    num_images: int = 1
+    final_loss: float = float("nan")
+    image: str = ""  # reconstruction PNG, relative to the run directory
+    truth_image: str = ""
+
+
+@dataclass
+class RoundRecord:
+    round: int
+    test_accuracy: float
+    test_loss: float
+    clients: int
+    seconds: float
+    train_loss: float = float("nan")
+    sampled: str = ""  # partition ids sampled this round, space separated
+
+
+# dataclass field types are strings here (postponed annotations)
+_SQL_TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
+
+
+def _table_sql(name: str, cls: type, key: tuple[str, ...]) -> str:
+    cols = ", ".join(f"{f.name} {_SQL_TYPES[str(f.type)]}"
+                     for f in dataclasses.fields(cls))
+    return f"CREATE TABLE IF NOT EXISTS {name} ({cols}, PRIMARY KEY ({', '.join(key)}))"
+
+
+class RunExists(FileExistsError):
+    pass
+
+
+class RunDirectory:
+    """A run's folder; creating one never overwrites an existing run."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.images = self.path / "images"
+        self._db: sqlite3.Connection | None = None
+
+    # -- creation and reopening -----------------------------------------------------
+    @classmethod
+    def create(cls, path: str | Path, config: ExperimentConfig) -> "RunDirectory":
+        run = cls(path)
+        if (run.path / "config.yaml").exists():
+            raise RunExists(
+                f"run directory {run.path} already holds a run; continue it with "
+                f"`fl-sim run --resume {run.path}` or choose another --out"
+            )
+        run.images.mkdir(parents=True, exist_ok=True)
+        (run.path / "config.yaml").write_text(config.to_yaml())
+        run.db  # create the tables
+        return run
+
+    @classmethod
+    def open(cls, path: str | Path) -> "RunDirectory":
+        run = cls(path)
+        if not (run.path / "config.yaml").exists():
+            raise FileNotFoundError(f"{run.path} is not a run directory (no config.yaml)")
+        run.images.mkdir(exist_ok=True)
+        return run
+
+    @staticmethod
+    def default_path(config_path: str | Path | None, name: str, root: str | Path = "runs") -> Path:
+        stem = Path(config_path).stem if config_path else name
+        stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return Path(root) / f"{stem}-{stamp}"
+
+    def config(self) -> ExperimentConfig:
+        return parse_config(yaml.safe_load((self.path / "config.yaml").read_text()))
+
+    # -- the store -----------------------------------------------------------------
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self._db = sqlite3.connect(self.path / "results.sqlite", timeout=30)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(_table_sql("attacks", AttackRecord, ("round", "client", "attack")))
+            self._db.execute(_table_sql("rounds", RoundRecord, ("round",)))
+            self._db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB)")
+            self._db.commit()
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _insert(self, table: str, record: object) -> None:
+        row = dataclasses.asdict(record)
+        cols = ", ".join(row)
+        marks = ", ".join("?" for _ in row)
+        with self.db:
+            self.db.execute(f"INSERT OR REPLACE INTO {table} ({cols}) VALUES ({marks})", list(row.values()))
+
+    def add_attack(self, record: AttackRecord) -> None:
+        self._insert("attacks", record)
+        self.export_csv()
+
+    def add_round(self, record: RoundRecord) -> None:
+        self._insert("rounds", record)
+        self.export_csv()
+
+    def done_attacks(self) -> set[tuple[int, int, str]]:
+        return {tuple(r) for r in self.db.execute("SELECT round, client, attack FROM attacks")}
+
+    def done_rounds(self) -> set[int]:
+        return {r[0] for r in self.db.execute("SELECT round FROM rounds")}
+
+    def attack_records(self) -> list[AttackRecord]:
+        return list(self._read("attacks", AttackRecord, "round, client, attack"))
+
+    def round_records(self) -> list[RoundRecord]:
+        return list(self._read("rounds", RoundRecord, "round"))
+
+    def _read(self, table: str, cls: type, order: str) -> Iterator:
+        names = [f.name for f in dataclasses.fields(cls)]
+        for row in self.db.execute(f"SELECT {', '.join(names)} FROM {table} ORDER BY {order}"):
+            yield cls(**{n: (float("nan") if v is None else v) for n, v in zip(names, row)})
+
+    def set_state(self, key: str, value: bytes) -> None:
+        with self.db:
+            self.db.execute("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", (key, value))
+
+    def get_state(self, key: str) -> bytes | None:
+        row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    # -- exports -------------------------------------------------------------------
+    def metrics_frame(self) -> pd.DataFrame:
+        cols = [f.name for f in dataclasses.fields(AttackRecord)]
+        return pd.DataFrame([dataclasses.asdict(r) for r in self.attack_records()], columns=cols)
+
+    def rounds_frame(self) -> pd.DataFrame:
+        cols = [f.name for f in dataclasses.fields(RoundRecord)]
+        return pd.DataFrame([dataclasses.asdict(r) for r in self.round_records()], columns=cols)
+
+    def export_csv(self) -> None:
+        self.metrics_frame().to_csv(self.path / "metrics.csv", index=False)
+        self.rounds_frame().to_csv(self.path / "rounds.csv", index=False)
+
+    def save_image(self, name: str, images: torch.Tensor, nrow: int | None = None) -> str:
+        """Write a batch in [0, 1] as one PNG strip; returns the path relative to the run."""
+        from torchvision.utils import make_grid
+
+        x = images.detach().float().cpu().clamp(0, 1)
+        grid = make_grid(x, nrow=nrow or len(x), padding=1, pad_value=1.0) if x.dim() == 4 else x
+        arr = (grid.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+        rel = Path("images") / f"{name}.png"
+        Image.fromarray(arr).save(self.path / rel)
+        return rel.as_posix()
