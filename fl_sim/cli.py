@@ -67,7 +67,6 @@ def cmd_assets_fetch(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from fl_sim.config import load_config
     from fl_sim.results import RunDirectory
-    from fl_sim.simulation import run_experiment
 
     if args.resume:
         if args.config or args.overrides:
@@ -82,6 +81,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             config.device = args.device
         out = Path(args.out) if args.out else RunDirectory.default_path(args.config, config.name)
         run = RunDirectory.create(out, config)
+    from fl_sim.simulation import run_experiment  # heavy (Flower, Ray): after validation
+
     console.print(f"run directory: [bold]{run.path}[/]")
     run_experiment(config, run, resume=bool(args.resume))
     return 0
