@@ -1,0 +1,123 @@
+"""report.html: a self-contained page (images inlined) built from a run's results store."""
+from __future__ import annotations
+
+import base64
+import io
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+
+from fl_sim.results import RunDirectory  # noqa: E402
+
+IMAGE_METRICS = ["psnr", "mse", "ssim", "lpips", "id_similarity", "label_accuracy"]
+HIGHER_IS_BETTER = {"psnr": True, "mse": False, "ssim": True, "lpips": False, "id_similarity": True,
+                    "label_accuracy": True}
+
+
+def _figure_uri(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _file_uri(path: Path) -> str:
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.exists() else ""
+
+
+def accuracy_figure(rounds: pd.DataFrame) -> str | None:
+    rounds = rounds.dropna(subset=["test_accuracy"])
+    if rounds.empty:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3))
+    ax.plot(rounds["round"], rounds["test_accuracy"] * 100, marker="o")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    return _figure_uri(fig)
+
+
+def leakage_figure(metrics: pd.DataFrame, metric: str = "psnr") -> str | None:
+    if metrics.empty or metrics[metric].isna().all():
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for attack, grp in metrics.groupby("attack"):
+        per_round = grp.groupby("round")[metric].mean()
+        ax.plot(per_round.index, per_round.values, marker="o", label=attack)
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"mean {metric}")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return _figure_uri(fig)
+
+
+def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
+    """Mean of every metric per attack (the shape of the DFLeak paper's Table II)."""
+    cols = [c for c in IMAGE_METRICS + ["seconds", "iterations"] if c in metrics and metrics[c].notna().any()]
+    table = metrics.groupby("attack")[cols].mean()
+    table.insert(0, "victims", metrics.groupby("attack").size())
+    return table.reset_index()
+
+
+def _fmt(v: object, column: str = "") -> str:
+    if isinstance(v, float):
+        if math.isnan(v):
+            return "–"
+        if column in ("iterations", "clients", "round", "victims"):
+            return f"{v:.0f}"
+        if column == "seconds":
+            return f"{v:.1f}"
+        return f"{v:.4f}" if abs(v) < 1 else f"{v:.2f}"
+    return str(v)
+
+
+def _rows(frame: pd.DataFrame) -> list[list[str]]:
+    return [[_fmt(v, c) for v, c in zip(row, frame.columns)] for row in frame.itertuples(index=False)]
+
+
+def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None = None) -> Path:
+    """Render report.html; `extra_sections` are (title, html) pairs a caller adds (e.g. sweeps)."""
+    config = run.config()
+    metrics = run.metrics_frame()
+    rounds = run.rounds_frame()
+    table = summary_table(metrics) if not metrics.empty else pd.DataFrame()
+
+    victims = []
+    for (rnd, client), grp in metrics.groupby(["round", "client"], sort=True):
+        victims.append({
+            "round": rnd,
+            "client": client,
+            "truth": _file_uri(run.path / grp["truth_image"].iloc[0]) if grp["truth_image"].iloc[0] else "",
+            "attacks": [
+                {"name": r.attack, "image": _file_uri(run.path / r.image) if r.image else "",
+                 "metrics": {m: _fmt(getattr(r, m)) for m in IMAGE_METRICS if not pd.isna(getattr(r, m))}}
+                for r in grp.itertuples()
+            ],
+        })
+
+    env = Environment(loader=PackageLoader("fl_sim", "templates"), autoescape=select_autoescape())
+    html = env.get_template("report.html.j2").render(
+        config=config,
+        config_yaml=config.to_yaml(),
+        accuracy=accuracy_figure(rounds) if not rounds.empty else None,
+        leakage=leakage_figure(metrics) if not metrics.empty else None,
+        table_columns=list(table.columns),
+        table_rows=_rows(table),
+        rounds_rows=_rows(rounds.drop(columns=["sampled"])),
+        rounds_columns=[c for c in rounds.columns if c != "sampled"],
+        victims=victims,
+        extra_sections=extra_sections or [],
+        higher_is_better=HIGHER_IS_BETTER,
+    )
+    out = run.path / "report.html"
+    out.write_text(html)
+    return out
