@@ -115,6 +115,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     import importlib
 
+    # benchmarks/ sits beside the packages in the source tree (not installed as a package of
+    # its own, to keep a generic name out of site-packages).
+    root = Path(__file__).resolve().parents[1]
+    if (root / "benchmarks").is_dir() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))
     module = importlib.import_module(BENCHES[args.what])
     return int(module.main(args.rest) or 0)
 
