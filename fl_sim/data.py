@@ -75,10 +75,23 @@ def register_dataset(name: str) -> Callable[[Loader], Loader]:
     return wrap
 
 
+class DataError(ValueError):
+    """A data set cannot be had where it was looked for; the message says what to do."""
+
+
 def load_dataset(spec: DataSpec) -> FaceDataset:
     if spec.name not in DATASETS:
         raise KeyError(f"unknown data set {spec.name!r}; choose one of {sorted(DATASETS)}")
-    ds = DATASETS[spec.name](spec)
+    try:
+        ds = DATASETS[spec.name](spec)
+    except (RuntimeError, FileNotFoundError) as exc:  # torchvision: "Dataset not found or corrupted"
+        if spec.name in ("orl", "synthetic"):
+            raise
+        raise DataError(
+            f"data set {spec.name!r} not found under {spec.root or _data_root(spec, spec.name)}: "
+            f"{str(exc).splitlines()[0]}. Set data.root to where it is, or data.download=true on a "
+            "machine that may download it"
+        ) from None
     if spec.max_images is not None and len(ds) > spec.max_images:
         keep = np.random.default_rng(spec.seed).permutation(len(ds))[: spec.max_images]
         ds = ds.subset(np.sort(keep))

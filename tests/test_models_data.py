@@ -48,3 +48,11 @@ def test_normalisation_is_recorded_and_invertible(orl64):
     mean = torch.tensor(orl64.mean).view(1, 3, 1, 1)
     std = torch.tensor(orl64.std).view(1, 3, 1, 1)
     assert torch.allclose(z * std + mean, x, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["lfw", "celeba"])
+def test_missing_downloadable_data_set_says_what_to_do(tmp_path, name):
+    from fl_sim.data import DataError
+
+    with pytest.raises(DataError, match="data.root.*data.download=true"):
+        load_dataset(DataSpec(name, 64, root=str(tmp_path)))
