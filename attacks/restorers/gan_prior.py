@@ -1,0 +1,118 @@
+"""`gan-prior`: project an image onto the DCGAN face generator's output.
+
+The offline stand-in for the paper's face-restoration networks (DifFace, CodeFormer): the
+restored image is G(z*) with z* = argmin_z  pixel * MSE(G(z), x) + perceptual * LPIPS(G(z), x)
++ latent * mean(z^2), found by Adam from the best few of a seeded pool of random latents.
+
+The generator works at 64 px: the input is resized to 64 px for the fit and the projection
+resized back; above 64 px the input's own high frequencies are added back (`keep_detail`),
+so the prior only replaces what it can model. Grey inputs are fitted on the grey level of
+G(z) and come back grey.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from attacks.restorers import BaseRestorer, add_detail, as_rgb, check_batch, is_grey, like_input, luma, \
+    register_restorer, resize_to
+
+
+@dataclass
+class GanPriorConfig:
+    steps: int = 100  # Adam steps of the latent fit
+    restarts: int = 2  # latents optimised per image (the best fit is kept)
+    candidates: int = 64  # random latents scored to pick the restarts' starts
+    lr: float = 0.05
+    pixel: float = 1.0  # weight of the MSE in [0, 1] pixel units
+    perceptual: float = 0.1  # weight of LPIPS (AlexNet)
+    latent: float = 1e-3  # weight of mean(z^2): keeps z where the generator was trained
+    keep_detail: bool = True  # above 64 px add the input's high frequencies back
+
+    def __post_init__(self) -> None:
+        if self.steps < 0 or self.restarts < 1 or self.candidates < self.restarts:
+            raise ValueError("gan-prior needs steps >= 0, restarts >= 1, candidates >= restarts")
+        if min(self.lr, self.pixel, self.perceptual, self.latent) < 0 or self.lr == 0:
+            raise ValueError("gan-prior weights must be >= 0 and lr > 0")
+
+
+@register_restorer("gan-prior")
+class GanPriorRestorer(BaseRestorer):
+    Config = GanPriorConfig
+    SIZE = 64
+
+    def __init__(self, config=None, public=None, device="cpu") -> None:
+        super().__init__(config, public, device)
+        from fl_sim.generator import load_face_generator
+
+        self.generator = load_face_generator(self.device)
+        self.latent_dim = self.generator.latent_dim
+        self._lpips = None
+        if self.config.perceptual > 0:
+            from fl_sim.metrics import _lpips_model
+
+            self._lpips = _lpips_model().to(self.device)
+
+    # -- the fit ---------------------------------------------------------------------------
+    def _render(self, z: torch.Tensor, grey: bool) -> torch.Tensor:
+        out = (self.generator(z) + 1) / 2
+        return luma(out).expand(-1, 3, -1, -1) if grey else out
+
+    def _losses(self, fake: torch.Tensor, target: torch.Tensor, z: torch.Tensor, perceptual: bool) -> torch.Tensor:
+        cfg = self.config
+        loss = cfg.pixel * (fake - target).pow(2).flatten(1).mean(1)
+        if perceptual and self._lpips is not None:
+            loss = loss + cfg.perceptual * self._lpips(fake * 2 - 1, target * 2 - 1).flatten()
+        if cfg.latent > 0:
+            loss = loss + cfg.latent * z.pow(2).mean(1)
+        return loss
+
+    def _project(self, target: torch.Tensor, seeds: list[int], grey: bool) -> torch.Tensor:
+        """target (M, 3, 64, 64) in [0, 1], one seed per row -> G(z*) (M, 3, 64, 64)."""
+        cfg = self.config
+        m = target.shape[0]
+        starts = []
+        with torch.no_grad():
+            for i in range(m):
+                g = torch.Generator().manual_seed(int(seeds[i]))
+                pool = torch.randn(cfg.candidates, self.latent_dim, generator=g).to(self.device)
+                scores = torch.cat([self._losses(self._render(chunk, grey), target[i:i + 1].expand(len(chunk), -1, -1, -1),
+                                                 chunk, perceptual=False) for chunk in pool.split(64)])
+                starts.append(pool[torch.argsort(scores, stable=True)[: cfg.restarts]])
+        z = torch.cat(starts).clone().requires_grad_(True)  # (M * R, d), row i*R + r
+        tgt = target.repeat_interleave(cfg.restarts, dim=0)
+        opt = torch.optim.Adam([z], lr=cfg.lr)
+        for _ in range(cfg.steps):
+            loss = self._losses(self._render(z, grey), tgt, z, perceptual=True).sum()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            fake = self._render(z, grey)
+            final = self._losses(fake, tgt, z, perceptual=True).view(m, cfg.restarts)
+            best = final.argmin(1)
+            return fake.view(m, cfg.restarts, *fake.shape[1:])[torch.arange(m), best]
+
+    # -- the protocol ----------------------------------------------------------------------
+    def restore(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+        return self.restore_many(images, [seed])[0]
+
+    def restore_many(self, images: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
+        """All seeds in one batched fit (each row's fit is independent of the others)."""
+        check_batch(images)
+        n = images.shape[0]
+        grey = is_grey(images)
+        x = images.detach().to(self.device, torch.float32).clamp(0, 1)
+        src = luma(x).expand(-1, 3, -1, -1) if grey else as_rgb(x)
+        target = resize_to(src, (self.SIZE, self.SIZE)).clamp(0, 1)
+        rows = [s * 1_000_003 + i for s in seeds for i in range(n)]
+        with torch.enable_grad():
+            fake = self._project(target.repeat(len(seeds), 1, 1, 1), rows, grey).detach()
+        outs = []
+        for k in range(len(seeds)):
+            out = fake[k * n:(k + 1) * n]
+            if self.config.keep_detail and images.shape[-1] > self.SIZE:
+                out = add_detail(out, src)
+            outs.append(like_input(out, images, grey).to(images.device))
+        return outs
