@@ -97,6 +97,7 @@ class ThreatConfig(Section):
     rounds: list[int] = Field(default_factory=lambda: [1])
     labels_known: bool = False  # do clients send their labels with the update?
     public_data: PublicDataConfig = Field(default_factory=PublicDataConfig)
+    save_cases: bool = False  # also write each victim's case (and its truth) under cases/ for offline attacks
 
 
 class AttackConfig(Section):

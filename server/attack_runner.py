@@ -1,0 +1,224 @@
+"""The attack runner: every configured attack on every victim's case, each finished
+(round, client, attack) written to the results store at once.
+
+Attacks come from the registry (`attacks.registry.build_attack`) and see only the case; the
+ground truth stays here, for the metrics. A (round, client, attack) already in the store is
+skipped, so a resumed run never redoes a finished attack. Attacks run in this process one
+after the other, or as Ray tasks when Ray is connected and `parallelism` > 1 (at most
+`parallelism` at once; the tasks ask Ray for no CPU because Flower's client actors hold
+them all; they run while the clients are idle, during aggregation).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import re
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from fl_sim.config import AttackConfig, MetricsConfig
+from fl_sim.results import AttackRecord, RunDirectory
+
+log = logging.getLogger("fl_sim.attacks")
+
+# Attack settings the runner fills with the attacker's public face set D_c (N, C, H, W in
+# [0, 1]) when the attack has them and the config leaves them unset.
+PUBLIC_SET_FIELDS = ("public_images",)
+
+
+@dataclass
+class AttackTask:
+    round: int
+    client: int
+    attack: AttackConfig
+    case: Any  # attacks.case.AttackCase
+    truth_images: torch.Tensor
+    truth_labels: torch.Tensor | None
+
+
+@dataclass
+class RunnerEvents:
+    """Hooks for a progress display (all optional)."""
+
+    on_start: Callable[[AttackTask, int], None] | None = None  # task, total iterations (0 unknown)
+    on_iteration: Callable[[AttackTask, int, int, float], None] | None = None
+    on_done: Callable[[AttackTask, AttackRecord], None] | None = None
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name)
+
+
+def _mean(values: np.ndarray | None) -> float:
+    if values is None or len(values) == 0:
+        return float("nan")
+    return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+
+
+def build(attack: AttackConfig, public: torch.Tensor | None = None):
+    """An attack object from its config (public set filled in where it takes one)."""
+    from attacks.registry import build_attack, config_fields
+
+    params = dict(attack.params)
+    if public is not None:
+        for name in PUBLIC_SET_FIELDS:
+            if name in config_fields(attack.name) and params.get(name) is None:
+                params[name] = public
+    return build_attack(attack.name, **params)
+
+
+def _run_one(attack: AttackConfig, case, device: str, public: torch.Tensor | None, progress=None, stop=None):
+    from attacks.base import CallbackProgress
+
+    obj = build(attack, public)
+    return obj.run(case, progress=CallbackProgress(progress) if progress else None, stop=stop, device=device)
+
+
+def _ray_attack(attack: AttackConfig, case, device: str, public: torch.Tensor | None):
+    torch.set_num_threads(1)
+    return _run_one(attack, case, device, public)
+
+
+class AttackRunner:
+    def __init__(self, run: RunDirectory, attack_configs: list[AttackConfig], metrics_cfg: MetricsConfig,
+                 device: str = "cpu", parallelism: int = 1, public: torch.Tensor | None = None,
+                 events: RunnerEvents | None = None, stop: threading.Event | None = None) -> None:
+        self.run = run
+        self.attacks = list(attack_configs)
+        self.metrics_cfg = metrics_cfg
+        self.device = device
+        self.parallelism = max(1, int(parallelism))
+        self.public = public
+        self.events = events or RunnerEvents()
+        self.stop = stop
+        self._done = set(run.done_attacks())
+        self._inflight: list[tuple[Any, AttackTask]] = []
+        self._truth_saved: dict[tuple[int, int], str] = {}
+        self.invocations = 0  # attacks actually started by this runner
+
+    # -- what is left to do ---------------------------------------------------------------
+    def pending(self, round: int, client: int) -> list[AttackConfig]:
+        return [a for a in self.attacks if (round, client, a.key) not in self._done]
+
+    def use_ray(self) -> bool:
+        if self.parallelism <= 1:
+            return False
+        try:
+            import ray
+        except ImportError:  # pragma: no cover - ray ships with flwr[simulation]
+            return False
+        return ray.is_initialized()
+
+    # -- submitting -----------------------------------------------------------------------
+    def submit(self, case, truth_images: torch.Tensor, truth_labels: torch.Tensor | None,
+               round: int, client: int) -> list[AttackRecord]:
+        """Run (or schedule) every attack not yet done on this case. In-process runs return
+        their records; Ray runs return [] and are collected by `wait()`."""
+        records: list[AttackRecord] = []
+        for attack in self.pending(round, client):
+            if self.stop is not None and self.stop.is_set():
+                break
+            task = AttackTask(round, client, attack, case, truth_images, truth_labels)
+            if self.use_ray():
+                self._submit_ray(task)
+            elif (rec := self._run_local(task)) is not None:
+                records.append(rec)
+        return records
+
+    def _run_local(self, task: AttackTask) -> AttackRecord | None:
+        self.invocations += 1
+        if self.events.on_start:
+            self.events.on_start(task, int(task.attack.params.get("iterations", 0) or 0))
+        progress = None
+        if self.events.on_iteration:
+            on_it = self.events.on_iteration
+            progress = lambda it, total, loss: on_it(task, it, total, loss)  # noqa: E731
+        result = _run_one(task.attack, task.case, self.device, self.public, progress, self.stop)
+        if self.stop is not None and self.stop.is_set() and (result.extras or {}).get("interrupted"):
+            return None  # stopped mid-way: not finished, so not recorded (a resume redoes it)
+        return self._record(task, result)
+
+    def _submit_ray(self, task: AttackTask) -> None:
+        import ray
+
+        while len(self._inflight) >= self.parallelism:
+            self._collect(block=True)
+        remote = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(_ray_attack)
+        self.invocations += 1
+        if self.events.on_start:
+            self.events.on_start(task, 0)
+        self._inflight.append((remote.remote(task.attack, task.case, self.device, self.public), task))
+
+    def _collect(self, block: bool) -> list[AttackRecord]:
+        import ray
+
+        if not self._inflight:
+            return []
+        refs = [r for r, _ in self._inflight]
+        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
+        out = []
+        for ref in ready:
+            i = next(i for i, (r, _) in enumerate(self._inflight) if r == ref)
+            _, task = self._inflight.pop(i)
+            out.append(self._record(task, ray.get(ref)))
+        return out
+
+    def wait(self) -> list[AttackRecord]:
+        """Collect every scheduled Ray attack (no-op in-process)."""
+        out: list[AttackRecord] = []
+        while self._inflight:
+            out.extend(self._collect(block=True))
+        return out
+
+    # -- results --------------------------------------------------------------------------
+    def _record(self, task: AttackTask, result) -> AttackRecord:
+        truth = task.truth_images.detach().float().cpu()
+        recon = result.images.detach().float().cpu().clamp(0, 1)
+        rec = AttackRecord(round=task.round, client=task.client, attack=task.attack.key,
+                           iterations=int(result.iterations), seconds=float(result.seconds),
+                           num_images=int(len(truth)))
+        if recon.shape == truth.shape:
+            names = ["psnr", "mse", "ssim"] + (["lpips"] if self.metrics_cfg.lpips else [])
+            values = image_metrics(recon, truth, names, self.metrics_cfg.id_backend)
+            for k, v in values.items():
+                setattr(rec, k, _mean(v))
+        else:
+            log.warning("attack %s returned images of shape %s, the truth is %s: no image metrics",
+                        task.attack.key, tuple(recon.shape), tuple(truth.shape))
+        if task.truth_labels is not None and result.labels is not None and len(result.labels):
+            rec.label_accuracy = label_accuracy(result.labels.detach().cpu().long(), task.truth_labels.cpu().long())
+        hist = list(result.loss_history or [])
+        best = result.extras.get("best_loss") if result.extras else None
+        rec.final_loss = float(best) if best is not None else (float(hist[-1]) if hist else float("nan"))
+        if rec.final_loss is not None and math.isinf(rec.final_loss):
+            rec.final_loss = float("nan")
+        key = (task.round, task.client)
+        if key not in self._truth_saved:
+            self._truth_saved[key] = self.run.save_image(f"r{task.round}_c{task.client}_truth", truth)
+        rec.truth_image = self._truth_saved[key]
+        rec.image = self.run.save_image(f"r{task.round}_c{task.client}_{_safe(task.attack.key)}", recon)
+        self.run.add_attack(rec)
+        self._done.add((task.round, task.client, task.attack.key))
+        if self.events.on_done:
+            self.events.on_done(task, rec)
+        return rec
+
+
+def image_metrics(recon: torch.Tensor, truth: torch.Tensor, names: list[str], id_backend: str | None):
+    from fl_sim.metrics import image_metrics as _im
+
+    return _im(recon, truth, names=names, id_backend=id_backend)
+
+
+def label_accuracy(pred: torch.Tensor, truth: torch.Tensor) -> float:
+    from fl_sim.metrics import label_accuracy as _la
+
+    return _la(pred, truth)
+
+
+__all__ = ["AttackRunner", "AttackTask", "RunnerEvents", "PUBLIC_SET_FIELDS", "build"]

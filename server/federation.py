@@ -1,0 +1,317 @@
+"""One experiment's federation, as the ServerApp runs it, on any Grid (Flower's simulation
+engine under Ray, `flwr run`, or the in-process grid).
+
+Per round: the strategy samples partitions (seeded) and sends the global weights; the
+clients reply; victims' updates become attack cases (what the threat model lets the server
+know) and go to the attack runner; the strategy aggregates; the server evaluates the new
+global model on the held-out test set; the round is recorded and the global weights are
+checkpointed in the run's store, so `--resume` continues from the last finished round.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.serverapp import Grid
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from fl_sim.config import ExperimentConfig
+from fl_sim.federated_data import FederatedData, choose_victims, client_sample, federated_data, public_set, stack
+from fl_sim.models import build_model
+from fl_sim.results import AttackRecord, RoundRecord, RunDirectory
+from server.attack_runner import PUBLIC_SET_FIELDS, AttackRunner, AttackTask, RunnerEvents
+from server.strategy import CuriousFedAvg, reply_partition
+
+log = logging.getLogger("fl_sim.server")
+
+STATE_WEIGHTS = "global_weights"  # torch.save'd state_dict after the last finished round
+STATE_ROUND = "last_round"
+
+
+class FederationError(RuntimeError):
+    pass
+
+
+@dataclass
+class Job:
+    """What the ServerApp needs to run one experiment."""
+
+    config: ExperimentConfig
+    run: RunDirectory
+    resume: bool = False
+    console: Console = field(default_factory=Console)
+    stop: threading.Event = field(default_factory=threading.Event)
+    reply_timeout: float = 3600.0
+
+
+class Display:
+    """Rich progress for rounds and attacks, a one-line summary per round."""
+
+    def __init__(self, console: Console, rounds: int, done: int) -> None:
+        self.console = console
+        self.progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), TextColumn("{task.fields[info]}"), console=console)
+        self.rounds = self.progress.add_task("rounds", total=rounds, completed=done, info="")
+        self.attack: int | None = None
+
+    def __enter__(self) -> "Display":
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.stop()
+
+    def print(self, text: str) -> None:
+        self.progress.console.print(text, highlight=False)
+
+    def round_started(self, rnd: int, total: int) -> None:
+        self.progress.update(self.rounds, description=f"round {rnd}/{total}", info="training")
+
+    def attack_start(self, task: AttackTask, total: int) -> None:
+        desc = f"  attack {task.attack.key} r{task.round} c{task.client}"
+        if self.attack is None:
+            self.attack = self.progress.add_task(desc, total=total or None, info="")
+        else:
+            self.progress.reset(self.attack, description=desc, total=total or None, info="", visible=True)
+
+    def attack_iteration(self, task: AttackTask, it: int, total: int, loss: float) -> None:
+        if self.attack is not None:
+            self.progress.update(self.attack, completed=it, total=total, info=f"loss {loss:.4g}")
+
+    def attack_done(self, task: AttackTask, rec: AttackRecord) -> None:
+        if self.attack is not None:
+            self.progress.update(self.attack, visible=False)
+        self.print(f"  r{rec.round} c{rec.client} {rec.attack}: psnr {_f(rec.psnr, '.2f')} ssim {_f(rec.ssim, '.3f')}"
+                   f" lpips {_f(rec.lpips, '.3f')} id {_f(rec.id_similarity, '.3f')}"
+                   f" labels {_f(rec.label_accuracy, '.2f')} ({rec.iterations} it, {rec.seconds:.1f} s)")
+
+    def round_done(self, rec: RoundRecord, total: int, failed: int, attacks: list[AttackRecord]) -> None:
+        self.progress.update(self.rounds, completed=rec.round, info=f"acc {_f(rec.test_accuracy, '.1%')}")
+        leak = ""
+        if attacks:
+            by: dict[str, list[float]] = {}
+            for a in attacks:
+                by.setdefault(a.attack, []).append(a.psnr)
+            leak = " | " + " ".join(f"{k} psnr {_f(float(np.nanmean(v)), '.2f')}" for k, v in by.items())
+        fail = f" ({failed} failed)" if failed else ""
+        self.print(f"round {rec.round}/{total}: acc {_f(rec.test_accuracy, '.1%')} loss {_f(rec.test_loss, '.3f')}"
+                   f" train {_f(rec.train_loss, '.3f')}, {rec.clients} clients{fail}, {rec.seconds:.1f} s{leak}")
+
+
+def _f(x: float | None, spec: str) -> str:
+    return "-" if x is None or not math.isfinite(x) else format(x, spec)
+
+
+def state_bytes(state: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
+    return buf.getvalue()
+
+
+def state_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+
+
+class Federation:
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.config = job.config
+        self.run = job.run
+        self.data: FederatedData = federated_data(self.config)
+        torch.manual_seed(self.config.seed)
+        self.model = build_model(self.config.model.name, self.data.num_classes, self.config.model.weights)
+        self.param_names = [n for n, _ in self.model.named_parameters()]
+        self.display: Display | None = None
+        self.runner = AttackRunner(job.run, self.config.attacks, self.config.metrics, self.config.device,
+                                   self.config.engine.attack_parallelism, public=self._public_if_needed(),
+                                   events=RunnerEvents(self._attack_start, self._attack_iteration, self._attack_done),
+                                   stop=job.stop)
+        self.round_attacks: list[AttackRecord] = []
+        self._described = False
+
+    # -- setup ----------------------------------------------------------------------------
+    def _public_if_needed(self) -> torch.Tensor | None:
+        if not self.config.attacks:
+            return None
+        from attacks.registry import config_fields
+
+        if not any(set(PUBLIC_SET_FIELDS) & set(config_fields(a.name)) for a in self.config.attacks):
+            return None
+        return public_set(self.config, self.data).images
+
+    def map_partitions(self, grid: Grid) -> dict[int, int]:
+        """Partition id -> node id, from one query round (node ids are random each run)."""
+        nodes = list(grid.get_node_ids())
+        msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
+        replies = list(grid.send_and_receive(msgs, timeout=self.job.reply_timeout))
+        mapping: dict[int, int] = {}
+        for r in replies:
+            if r.has_error():
+                log.warning("node %d did not answer the partition query: %s", r.metadata.src_node_id, r.error.reason)
+                continue
+            mapping[int(r.content["info"]["partition-id"])] = r.metadata.src_node_id
+        if not mapping:
+            raise FederationError("no client answered the partition query")
+        expected = self.config.federation.num_clients
+        if len(nodes) != expected:
+            log.warning("the federation has %d nodes, the config %d clients", len(nodes), expected)
+        return mapping
+
+    def restore(self) -> tuple[int, dict[str, torch.Tensor]]:
+        """First round to run and the global weights to start from."""
+        if self.job.resume:
+            blob, last = self.run.get_state(STATE_WEIGHTS), self.run.get_state(STATE_ROUND)
+            if blob is not None and last is not None:
+                return int(last.decode()) + 1, state_from_bytes(blob)
+        return 1, {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    # -- the rounds -----------------------------------------------------------------------
+    def serve(self, grid: Grid) -> None:
+        cfg = self.config
+        total = cfg.federation.rounds
+        start, state = self.restore()
+        if start > total:
+            self.job.console.print(f"all {total} rounds are done")
+            return
+        node_of = self.map_partitions(grid)
+        population = [p for p in self.data.non_empty() if p in node_of]
+        empty = cfg.federation.num_clients - len(self.data.non_empty())
+        if empty:
+            log.warning("%d of %d clients hold no images and are never sampled", empty, cfg.federation.num_clients)
+        strategy = CuriousFedAvg(cfg, node_of, population, self.param_names, observer=self.observe)
+        self.strategy = strategy
+        arrays = ArrayRecord(state)
+        train_config = ConfigRecord({"experiment": cfg.model_dump_json()})
+        if start > 1:
+            self.job.console.print(f"resuming after round {start - 1}")
+        with Display(self.job.console, total, start - 1) as display:
+            self.display = display
+            for rnd in range(start, total + 1):
+                if self.job.stop.is_set():
+                    break
+                t0 = time.perf_counter()
+                display.round_started(rnd, total)
+                self.round_attacks = []
+                messages = strategy.configure_train(rnd, arrays, train_config, grid)
+                replies = grid.send_and_receive(messages, timeout=self.job.reply_timeout)
+                new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+                self.runner.wait()
+                if new_arrays is None:
+                    reasons = "; ".join(sorted({r.splitlines()[0] for _, r in strategy.failed}))[:500]
+                    raise FederationError(f"round {rnd}: no usable client reply ({reasons or 'no replies'})")
+                if self.job.stop.is_set():
+                    break  # an interrupted round is not recorded: a resume redoes it
+                arrays = new_arrays
+                state = arrays.to_torch_state_dict()
+                acc, loss = float("nan"), float("nan")
+                if rnd % cfg.federation.eval_every == 0 or rnd == total:
+                    display.progress.update(display.rounds, info="evaluating")
+                    acc, loss = self.evaluate(state)
+                rec = RoundRecord(round=rnd, test_accuracy=acc, test_loss=loss, clients=len(strategy.sampled),
+                                  seconds=time.perf_counter() - t0,
+                                  train_loss=float(metrics["train-loss"]) if metrics else float("nan"),
+                                  sampled=" ".join(map(str, strategy.sampled)))
+                # The round record first, then the checkpoint: a kill in between redoes the
+                # round on resume (and replaces the record), never skips it.
+                self.run.add_round(rec)
+                self.run.set_state(STATE_WEIGHTS, state_bytes(state))
+                self.run.set_state(STATE_ROUND, str(rnd).encode())
+                display.round_done(rec, total, len(strategy.failed), self.round_attacks)
+            self.display = None
+
+    def evaluate(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
+        """Accuracy and mean cross-entropy of the global model on the held-out test set."""
+        test = self.data.test_set()
+        if len(test) == 0:
+            return float("nan"), float("nan")
+        self.model.load_state_dict(state)
+        self.model.eval()
+        correct, loss = 0, 0.0
+        with torch.no_grad():
+            for i in range(0, len(test), 128):
+                x = test.normalise(test.images[i:i + 128])
+                y = test.labels[i:i + 128]
+                out = self.model(x)
+                loss += float(F.cross_entropy(out, y, reduction="sum"))
+                correct += int((out.argmax(1) == y).sum())
+        return correct / len(test), loss / len(test)
+
+    # -- the curious part -----------------------------------------------------------------
+    def observe(self, rnd: int, global_arrays: ArrayRecord, replies: list[Message]) -> None:
+        """Attack the round's victims (the strategy calls this before aggregating)."""
+        cfg = self.config
+        victims = choose_victims(cfg, self.strategy.sampled, rnd)
+        if not victims or not (cfg.attacks or cfg.threat.save_cases):
+            return
+        by_pid = {reply_partition(m): m for m in replies}
+        global_state: dict[str, torch.Tensor] | None = None
+        for pid in victims:
+            if pid not in by_pid:
+                log.warning("round %d: victim %d sent no usable update; not attacked", rnd, pid)
+                continue
+            if not self.runner.pending(rnd, pid) and not cfg.threat.save_cases:
+                continue
+            if global_state is None:
+                global_state = global_arrays.to_torch_state_dict()
+            case = self.make_case(rnd, pid, by_pid[pid], global_state)
+            truth_images, truth_labels = stack(self.data, client_sample(cfg, self.data, pid, rnd))
+            if cfg.threat.save_cases:
+                folder = self.run.path / "cases"
+                case.save(folder / f"r{rnd}_c{pid}.pt")
+                torch.save({"images": truth_images, "labels": truth_labels}, folder / f"r{rnd}_c{pid}_truth.pt")
+            if not self._described and self.display is not None and self.runner.pending(rnd, pid):
+                self.display.print(f"threat model: {case.describe()}")
+                self._described = True
+            self.runner.submit(case, truth_images, truth_labels, rnd, pid)
+
+    def make_case(self, rnd: int, pid: int, reply: Message, global_state: dict[str, torch.Tensor]):
+        """What the server knows of one client's update, and nothing more."""
+        from attacks.case import AttackCase
+
+        cfg, fed = self.config, self.config.federation
+        arrays = reply.content["arrays"].to_torch_state_dict()
+        metrics = reply.content["metrics"]
+        if fed.algorithm == "fedsgd":
+            update = {n: arrays[n] for n in self.param_names}
+            kind = "gradient"
+        else:
+            update = {n: arrays[n] - global_state[n] for n in self.param_names}
+            kind = "weight-diff"
+        labels = None
+        if cfg.threat.labels_known and "client" in reply.content:
+            labels = torch.tensor([int(y) for y in reply.content["client"]["labels"]], dtype=torch.long)
+        ds = self.data.dataset
+        return AttackCase(
+            model_name=cfg.model.name, num_classes=self.data.num_classes, image_shape=self.data.image_shape,
+            weights=global_state, update=update, update_kind=kind, num_images=int(metrics["num-examples"]),
+            local_lr=fed.local_lr, local_steps=int(metrics["local-steps"]),
+            local_batch_size=fed.batch_size if fed.algorithm == "fedavg" else 0,
+            mean=ds.mean, std=ds.std, labels=labels, grey=ds.grey,
+            meta={"round": rnd, "client": pid, "dataset": ds.name}, bn_mode="train",
+        )
+
+    # -- display hooks --------------------------------------------------------------------
+    def _attack_start(self, task: AttackTask, total: int) -> None:
+        if self.display:
+            self.display.attack_start(task, total)
+
+    def _attack_iteration(self, task: AttackTask, it: int, total: int, loss: float) -> None:
+        if self.display:
+            self.display.attack_iteration(task, it, total, loss)
+
+    def _attack_done(self, task: AttackTask, rec: AttackRecord) -> None:
+        self.round_attacks.append(rec)
+        if self.display:
+            self.display.attack_done(task, rec)
+
+
+__all__ = ["Federation", "Job", "FederationError", "STATE_WEIGHTS", "STATE_ROUND"]

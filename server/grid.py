@@ -1,0 +1,88 @@
+"""A Grid that runs the ClientApp in this process, one message after the other (no Ray).
+
+It runs the same ServerApp, ClientApp and strategy as Flower's simulation engine: nodes get
+random 64-bit ids and a `partition-id` / `num-partitions` node config, each node keeps its
+Context between rounds, a ClientApp exception becomes an error reply (as under Ray).
+"""
+from __future__ import annotations
+
+import secrets
+import traceback
+from collections.abc import Iterable
+from uuid import uuid4
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid
+from flwr.common.constant import SUPERLINK_NODE_ID
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+CLIENT_APP_EXCEPTION = 300  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+class InProcessGrid(Grid):
+    def __init__(self, client_app: ClientApp, num_nodes: int) -> None:
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id=secrets.randbits(63))
+        # Messages take their run and source from the process's task identity (as
+        # run_simulation sets it for its in-memory grid).
+        TaskIdentity.task_id = 1
+        TaskIdentity.run_id = self._run.run_id
+        TaskIdentity.node_id = SUPERLINK_NODE_ID
+        self.contexts: dict[int, Context] = {}
+        for pid in range(num_nodes):
+            node_id = secrets.randbits(63)
+            self.contexts[node_id] = Context(
+                run_id=self._run.run_id, node_id=node_id,
+                node_config={"partition-id": pid, "num-partitions": num_nodes},
+                state=RecordDict(), run_config={},
+            )
+        self._queue: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Run:
+        return self._run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        ids = []
+        for msg in messages:
+            if msg.metadata.dst_node_id not in self.contexts:
+                raise ValueError(f"no node {msg.metadata.dst_node_id}")
+            msg_id = str(uuid4())
+            msg.metadata.__dict__["_message_id"] = msg_id
+            self._queue[msg_id] = msg
+            ids.append(msg_id)
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = []
+        for msg_id in message_ids:
+            msg = self._queue.pop(msg_id, None)
+            if msg is None:
+                continue
+            context = self.contexts[msg.metadata.dst_node_id]
+            try:
+                reply = self.client_app(msg, context)
+            except Exception as exc:  # noqa: BLE001 - a failing client is a reply, as under Ray
+                reason = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=4)}"
+                reply = Message(Error(code=CLIENT_APP_EXCEPTION, reason=reason), reply_to=msg)
+            reply.metadata.__dict__["_message_id"] = str(uuid4())
+            replies.append(reply)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+
+__all__ = ["InProcessGrid"]

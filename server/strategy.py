@@ -1,0 +1,107 @@
+"""The honest-but-curious strategy: Flower's FedAvg that follows the protocol, samples
+partitions reproducibly, applies the FedSGD server step, and hands each victim's update to
+an observer (the federation's attack step) before aggregating as usual.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fl_sim.config import ExperimentConfig
+from fl_sim.federated_data import force_victims, sample_clients
+
+log = logging.getLogger("fl_sim.server")
+
+# (server_round, global arrays, valid replies sorted by partition id) -> None
+ReplyObserver = Callable[[int, ArrayRecord, list[Message]], None]
+
+
+def reply_partition(msg: Message) -> int:
+    return int(msg.content["metrics"]["partition-id"])
+
+
+def train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
+    """Weighted mean of the train loss, total examples, number of clients (ids are not averaged)."""
+    total = sum(float(r["metrics"][weight_key]) for r in records)
+    loss = sum(float(r["metrics"]["train-loss"]) * float(r["metrics"][weight_key]) for r in records)
+    return MetricRecord({"train-loss": loss / max(total, 1e-12), weight_key: int(total), "clients": len(records)})
+
+
+class CuriousFedAvg(FedAvg):
+    """FedAvg, honest-but-curious.
+
+    - `configure_train` samples partition ids with a generator seeded by (seed, round) and
+      sends to the nodes mapped to them (Flower's node ids change every run).
+    - `aggregate_train` checks replies for errors (logged with their reason), sorts them by
+      partition id (the sum is then the same in every run), shows them to the observer,
+      then aggregates with FedAvg. FedSGD: the aggregate of the clients' gradients is
+      applied as `w <- w - server_lr * sum_k (n_k / n) g_k`; BatchNorm buffers are averaged.
+    """
+
+    def __init__(self, config: ExperimentConfig, node_of_partition: dict[int, int],
+                 population: list[int], param_names: list[str],
+                 observer: ReplyObserver | None = None) -> None:
+        # Sampling is ours (configure_train); no federated evaluation is configured (the
+        # server evaluates on its test set), so the fractions are unused.
+        super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
+                         min_available_nodes=1, train_metrics_aggr_fn=train_metrics)
+        self.config = config
+        self.node_of_partition = node_of_partition
+        self.population = population
+        self.param_names = list(param_names)  # trainable parameters; the rest are buffers
+        self.observer = observer
+        self.global_arrays: ArrayRecord | None = None
+        self.sampled: list[int] = []
+        self.failed: list[tuple[int, str]] = []  # (node id, reason) of the last round
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.global_arrays = arrays
+        sampled = sample_clients(self.config, self.population, server_round)
+        self.sampled = force_victims(self.config, sampled, self.population, server_round)
+        config["server-round"] = server_round
+        record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
+        nodes = [self.node_of_partition[p] for p in self.sampled]
+        return self._construct_messages(record, nodes, MessageType.TRAIN)
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self.failed = [(m.metadata.src_node_id, m.error.reason) for m in replies if m.has_error()]
+        for node, reason in self.failed:
+            log.warning("round %d: node %d replied with an error: %s", server_round, node, reason)
+        valid = sorted((m for m in replies if not m.has_error()), key=reply_partition)
+        if not valid:
+            return None, None
+        assert self.global_arrays is not None
+        if self.observer is not None:
+            self.observer(server_round, self.global_arrays, valid)
+        arrays, metrics = super().aggregate_train(server_round, valid)
+        if arrays is None:
+            return None, metrics
+        return self._server_step(arrays), metrics
+
+    def _server_step(self, aggregate: ArrayRecord) -> ArrayRecord:
+        """New global arrays from the weighted mean of the replies, in the global dtypes."""
+        assert self.global_arrays is not None
+        fed = self.config.federation
+        params = set(self.param_names)
+        out: dict[str, Array] = {}
+        for name, current in self.global_arrays.items():
+            w = current.numpy()
+            agg = aggregate[name].numpy()
+            if fed.algorithm == "fedsgd" and name in params:
+                new = w - fed.server_lr * agg
+            else:
+                new = agg  # FedAvg: the weighted mean; FedSGD: the clients' mean BN buffers
+            if np.issubdtype(w.dtype, np.integer):
+                new = np.rint(new)
+            out[name] = Array(np.ascontiguousarray(new.astype(w.dtype, copy=False)))
+        return ArrayRecord(out)
+
+__all__ = ["CuriousFedAvg", "train_metrics", "reply_partition"]
