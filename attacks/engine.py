@@ -309,18 +309,20 @@ class GradientMatcher:
         return loss * self.scale if self.scale != 1.0 else loss
 
     def reference(self, gs: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The same loss in plain autograd ops (for tests)."""
+        """The same loss in plain autograd ops, in float64 (for tests)."""
         w = self.weights
+        gs = [g.double() for g in gs]
+        targets = [t.double() for t in self.targets]
         if self.kind == "l2":
-            loss = sum(wi * (g - t).pow(2).sum() for wi, g, t in zip(w, gs, self.targets))
+            loss = sum(wi * (g - t).pow(2).sum() for wi, g, t in zip(w, gs, targets))
         elif self.kind == "cosine":
-            dot = sum(wi * (g * t).sum() for wi, g, t in zip(w, gs, self.targets))
+            dot = sum(wi * (g * t).sum() for wi, g, t in zip(w, gs, targets))
             ng = sum(wi * g.pow(2).sum() for wi, g in zip(w, gs)).sqrt()
-            nt = math.sqrt(sum(wi * tt for wi, tt in zip(w, self.tt)))
+            nt = sum(wi * t.pow(2).sum() for wi, t in zip(w, targets)).sqrt()
             loss = 1 - dot / (ng * nt)
         else:
             loss = sum(wi * (1 - F.cosine_similarity(g.reshape(-1), t.reshape(-1), dim=0, eps=1e-15))
-                       for wi, g, t in zip(w, gs, self.targets)) / sum(w)
+                       for wi, g, t in zip(w, gs, targets)) / sum(w)
         return loss * self.scale
 
 

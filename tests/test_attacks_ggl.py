@@ -1,0 +1,87 @@
+"""GGL: latent search of the face generator with CMA-ES, and its adaptive mode."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attacks.generator_arch import DCGANGenerator
+from attacks.ggl import SuspectedDefense, latent_kl
+from attacks.registry import build_attack
+from attacks.synthetic import make_case
+from fl_sim.metrics import psnr
+
+torch.set_num_threads(1)
+
+
+def _generator() -> torch.nn.Module:
+    """The pretrained face generator when its asset is in the cache, else a random DCGAN whose
+    BatchNorm statistics are calibrated so its outputs vary with z."""
+    from fl_sim import assets
+
+    if assets.is_fetched(assets.lookup("dcgan-faces")):
+        from fl_sim.generator import load_face_generator
+
+        return load_face_generator()
+    torch.manual_seed(0)
+    gen = DCGANGenerator().train()
+    with torch.no_grad():
+        for m in gen.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = None  # cumulative average
+        gen(torch.randn(256, 100))
+    return gen.eval().requires_grad_(False)
+
+
+def test_ggl_finds_a_generated_face():
+    gen = _generator()
+    z_true = torch.randn(1, 100, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        img = F.interpolate((gen(z_true) + 1) / 2, size=(32, 32), mode="bilinear", antialias=True).clamp(0, 1)
+        prior_mean = F.interpolate((gen(torch.zeros(1, 100)) + 1) / 2, size=(32, 32), mode="bilinear",
+                                   antialias=True).clamp(0, 1)
+    case = make_case("lenet", 10, img, torch.tensor([2]))
+    res = build_attack("ggl", generator=gen, budget=50, population=20).run(case)
+    assert res.labels.tolist() == [2]
+    assert res.iterations == 50 and len(res.loss_history) == 50
+    assert all(b <= a for a, b in zip(res.loss_history, res.loss_history[1:]))  # best so far
+    assert res.images.shape == (1, 3, 32, 32)
+    gain = float(psnr(res.images, img)) - float(psnr(prior_mean, img))
+    print("GGL gain over the prior mean", gain)
+    assert gain >= 3.0, gain
+
+
+def test_ggl_grey_case_and_stop():
+    import threading
+
+    gen = _generator()
+    img = torch.rand(1, 1, 32, 32).expand(-1, 3, -1, -1)
+    case = make_case("lenet", 10, img, torch.tensor([1]), grey=True)
+    stop = threading.Event()
+    res = build_attack("ggl", generator=gen, budget=50, population=8, chunk=0).run(
+        case, progress=lambda it, total, loss: stop.set() if it == 2 else None, stop=stop)
+    assert res.iterations == 2 and res.extras["interrupted"] == 1.0
+    assert torch.equal(res.images[:, 0], res.images[:, 1])
+
+
+def test_suspected_defense_estimates():
+    g = torch.Generator().manual_seed(0)
+    observed = [torch.randn(40, 30, generator=g), torch.randn(300, generator=g)]
+    for t in observed:  # prune 70 % of each tensor, then clip the whole update to norm 2
+        t[t.abs() < t.abs().flatten().kthvalue(int(0.7 * t.numel())).values] = 0
+    norm = torch.sqrt(sum(t.pow(2).sum() for t in observed))
+    observed = [t * 2.0 / norm for t in observed]
+    est = SuspectedDefense.estimate(observed, "auto")
+    assert est.clip_norm is not None and abs(est.clip_norm - 2.0) < 1e-4
+    assert est.prune_fraction is not None and all(abs(f - 0.7) < 0.02 for f in est.prune_fraction)
+    trial = [torch.randn(5, 40, 30, generator=g), torch.randn(5, 300, generator=g)]
+    out = est.apply(trial)
+    assert all(abs(float((o == 0).float().mean()) - 0.7) < 0.02 for o in out)
+    norms = torch.sqrt(sum(o.reshape(5, -1).pow(2).sum(1) for o in out))
+    assert torch.all(norms <= 2.0 + 1e-4)
+    assert SuspectedDefense.estimate(observed, "none").clip_norm is None
+
+
+def test_latent_kl_is_zero_for_standard_normal_moments():
+    z = torch.randn(3, 100000, generator=torch.Generator().manual_seed(0))
+    assert torch.all(latent_kl(z) < 1e-3)
+    assert torch.all(latent_kl(3 * z + 1) > 1.0)
