@@ -77,6 +77,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         if not args.config:
             raise UsageError("give a config file (for example configs/demo.yaml) or --resume RUN_DIR")
         config = load_config(args.config, args.overrides)
+        _check_attacks(config)
         if args.device:
             config.device = args.device
         out = Path(args.out) if args.out else RunDirectory.default_path(args.config, config.name)
@@ -86,6 +87,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     console.print(f"run directory: [bold]{run.path}[/]")
     run_experiment(config, run, resume=bool(args.resume))
     return 0
+
+
+def _check_attacks(config) -> None:
+    """Build every configured attack once, so a wrong name or setting fails before the run."""
+    from attacks.registry import build_attack
+
+    for i, attack in enumerate(config.attacks):
+        try:
+            build_attack(attack.name, **attack.params)
+        except ValueError as exc:
+            raise UsageError(f"attacks.{i}: {exc}") from None
 
 
 def cmd_config(args: argparse.Namespace) -> int:

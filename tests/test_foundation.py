@@ -167,3 +167,12 @@ def test_missing_asset_says_how_to_fetch_it(tmp_path, monkeypatch):
         assets.get("sface")
     proc = _cli("run", "--help")
     assert proc.returncode == 0
+
+
+def test_cli_unknown_attack_setting_exits_2_before_any_run(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: t\nattacks:\n  - name: invertg\n    params: {iterationz: 10}\n")
+    proc = _cli("run", str(cfg), "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2, proc.stderr
+    assert "attacks.0" in proc.stderr and "iterationz" in proc.stderr and "iterations" in proc.stderr
+    assert not (tmp_path / "run").exists()
