@@ -165,8 +165,13 @@ def finish_run(job, seconds: float | None = None) -> None:
     except ImportError:
         console.print("[yellow]warning:[/] fl_sim.report is not available; no report.html")
     else:
-        path = write_report(run)
-        console.print(f"report: [bold]{path}[/]")
+        try:
+            path = write_report(run)
+        except (OSError, ValueError) as exc:  # e.g. templates missing from a `flwr run` FAB
+            console.print(f"[yellow]warning:[/] report.html not written ({exc}); "
+                          f"rebuild it with `fl-sim report {run.path}`")
+        else:
+            console.print(f"report: [bold]{path}[/]")
     run.close()
 
 

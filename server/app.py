@@ -32,13 +32,25 @@ def make_server_app(job: Job) -> ServerApp:
     return server_app
 
 
+APP_DIR = Path(__file__).resolve().parents[1]  # the project (or the installed FAB) folder
+
+
+def _app_path(path: str) -> str:
+    """A relative config path is relative to the app folder (where pyproject.toml is); the
+    ServerApp process of `flwr run` does not start there."""
+    p = Path(path).expanduser()
+    if not p.is_absolute() and not p.exists() and (APP_DIR / p).exists():
+        p = APP_DIR / p
+    return str(p)
+
+
 def job_from_run_config(run_config: dict) -> Job:
     from fl_sim.config import load_config
     from fl_sim.results import RunDirectory
 
-    config_path = str(run_config.get("config", "configs/demo.yaml"))
+    config_path = _app_path(str(run_config.get("config", "configs/demo.yaml")))
     overrides = [o for o in str(run_config.get("overrides", "")).split() if o]
-    resume = str(run_config.get("resume", "false")).lower() in ("1", "true", "yes")
+    resume = str(run_config.get("resume", False)).lower() in ("1", "true", "yes")
     out = str(run_config.get("out", "") or "")
     if resume:
         if not out:

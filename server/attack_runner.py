@@ -37,7 +37,7 @@ class AttackTask:
     client: int
     attack: AttackConfig
     case: Any  # attacks.case.AttackCase
-    truth_images: torch.Tensor
+    truth_images: torch.Tensor | None  # for the metrics only; None when unknown (offline)
     truth_labels: torch.Tensor | None
 
 
@@ -115,7 +115,7 @@ class AttackRunner:
         return ray.is_initialized()
 
     # -- submitting -----------------------------------------------------------------------
-    def submit(self, case, truth_images: torch.Tensor, truth_labels: torch.Tensor | None,
+    def submit(self, case, truth_images: torch.Tensor | None, truth_labels: torch.Tensor | None,
                round: int, client: int) -> list[AttackRecord]:
         """Run (or schedule) every attack not yet done on this case. In-process runs return
         their records; Ray runs return [] and are collected by `wait()`."""
@@ -177,12 +177,14 @@ class AttackRunner:
 
     # -- results --------------------------------------------------------------------------
     def _record(self, task: AttackTask, result) -> AttackRecord:
-        truth = task.truth_images.detach().float().cpu()
         recon = result.images.detach().float().cpu().clamp(0, 1)
+        truth = task.truth_images.detach().float().cpu() if task.truth_images is not None else None
         rec = AttackRecord(round=task.round, client=task.client, attack=task.attack.key,
                            iterations=int(result.iterations), seconds=float(result.seconds),
-                           num_images=int(len(truth)))
-        if recon.shape == truth.shape:
+                           num_images=int(len(recon)))
+        if truth is None:
+            pass  # no ground truth (an offline case): the reconstruction only
+        elif recon.shape == truth.shape:
             names = ["psnr", "mse", "ssim"] + (["lpips"] if self.metrics_cfg.lpips else [])
             values = image_metrics(recon, truth, names, self.metrics_cfg.id_backend)
             for k, v in values.items():
@@ -198,9 +200,9 @@ class AttackRunner:
         if rec.final_loss is not None and math.isinf(rec.final_loss):
             rec.final_loss = float("nan")
         key = (task.round, task.client)
-        if key not in self._truth_saved:
+        if truth is not None and key not in self._truth_saved:
             self._truth_saved[key] = self.run.save_image(f"r{task.round}_c{task.client}_truth", truth)
-        rec.truth_image = self._truth_saved[key]
+        rec.truth_image = self._truth_saved.get(key, "")
         rec.image = self.run.save_image(f"r{task.round}_c{task.client}_{_safe(task.attack.key)}", recon)
         self.run.add_attack(rec)
         self._done.add((task.round, task.client, task.attack.key))
