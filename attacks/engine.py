@@ -222,11 +222,14 @@ def layer_weights(spec: str | Sequence[float], n: int) -> list[float]:
     return w
 
 
+_EXACT_BELOW = 1e-3  # relative loss under which the matching loss is computed from differences
+
+
 class _Matching(torch.autograd.Function):
     """Fused gradient-matching loss over a list of tensors.
 
-    forward: per-layer dot products <g,g>, <g,t> (no temporaries); backward: one tensor per
-    layer, a*t + b*g. Target norms come precomputed. Not differentiable twice (never needed:
+    forward: per-layer dot products <g,g>, <g,t> (no temporaries away from the optimum);
+    backward: one tensor per layer, a*t + b*g. Target norms come precomputed. Not differentiable twice (never needed:
     the image gradient goes through the graph of g, not through this backward).
     """
 
@@ -236,35 +239,43 @@ class _Matching(torch.autograd.Function):
         gs_flat = [g.reshape(-1) for g in gs]
         ts_flat = [t.reshape(-1) for t in targets]
         w = torch.tensor(weights, dtype=torch.float64, device=gs[0].device)
-        if kind == "l2":
-            # ||g - t||^2 directly: the expanded form cancels catastrophically near the optimum.
-            dd = torch.stack([torch.dot(d, d) for d in (g - t for g, t in zip(gs_flat, ts_flat))]).double()
-            loss = (w * dd).sum()
-            ctx.coefs = ((-2 * w).tolist(), (2 * w).tolist())
-            ctx.targets = targets
-            ctx.save_for_backward(*gs)
-            return loss.to(gs[0].dtype)
-        # 1 - cos(g, t) = |g/|g| - t/|t||^2 / 2: no cancellation near the optimum, where the
-        # plain 1 - <g,t>/(|g||t|) in float32 bottoms out at ~1e-7 and stops guiding.
+        # Dot products only (no temporaries): <g,g> and <g,t> per layer. Near the optimum the
+        # expanded forms cancel in float32 (1 - cos bottoms out at ~1e-7 and stops guiding),
+        # so there the loss is recomputed from the difference, |g/|g| - t/|t||^2 / 2 for cosine
+        # and |g - t|^2 for L2: one temporary per layer, only when it matters.
         gg = torch.stack([torch.dot(g, g) for g in gs_flat]).double()
+        gt = torch.stack([torch.dot(g, t) for g, t in zip(gs_flat, ts_flat)]).double()
         ttt = torch.tensor(tt, dtype=torch.float64, device=gg.device)
-        if kind == "cosine":
+        if kind == "l2":
+            dd = gg - 2 * gt + ttt
+            if float((w * dd).sum()) < _EXACT_BELOW * float((w * (gg + ttt)).sum()):
+                dd = torch.stack([torch.dot(d, d) for d in (g - t for g, t in zip(gs_flat, ts_flat))]).double()
+            loss = (w * dd).sum()
+            coef_t = (-2 * w).tolist()
+            coef_g = (2 * w).tolist()
+        elif kind == "cosine":
             ng = (w * gg).sum().clamp_min(1e-30).sqrt()
             nt = (w * ttt).sum().clamp_min(1e-30).sqrt()
-            ratio = float(ng / nt)
-            dd = torch.stack([torch.dot(d, d) for d in (torch.sub(g, t, alpha=ratio)
-                                                        for g, t in zip(gs_flat, ts_flat))]).double()
-            loss = 0.5 * (w * dd).sum() / (ng * ng)
+            loss = 1 - (w * gt).sum() / (ng * nt)
+            if float(loss) < _EXACT_BELOW:
+                ratio = float(ng / nt)
+                dd = torch.stack([torch.dot(d, d) for d in (torch.sub(g, t, alpha=ratio)
+                                                            for g, t in zip(gs_flat, ts_flat))]).double()
+                loss = 0.5 * (w * dd).sum() / (ng * ng)
             cos = 1 - loss
             coef_t = (-w / (ng * nt)).tolist()
             coef_g = (w * cos / (ng * ng)).tolist()
         elif kind == "cosine-layer":
             ng = gg.clamp_min(1e-30).sqrt()
             nt = ttt.clamp_min(1e-30).sqrt()
-            ratio = (ng / nt).tolist()
-            dd = torch.stack([torch.dot(d, d) for d in (torch.sub(g, t, alpha=r)
-                                                        for g, t, r in zip(gs_flat, ts_flat, ratio))]).double()
-            per_layer = 0.5 * dd / (ng * ng)
+            per_layer = 1 - gt / (ng * nt)
+            near = (per_layer < _EXACT_BELOW).tolist()
+            if any(near):
+                ratio = (ng / nt).tolist()
+                for i, (g, t) in enumerate(zip(gs_flat, ts_flat)):
+                    if near[i]:
+                        d = torch.sub(g, t, alpha=ratio[i])
+                        per_layer[i] = 0.5 * torch.dot(d, d).double() / (ng[i] * ng[i])
             loss = (w * per_layer).sum() / w.sum()
             cos = 1 - per_layer
             coef_t = (-w / (ng * nt) / w.sum()).tolist()

@@ -142,8 +142,8 @@ class DiffusionRestorer(BaseRestorer):
             eps = self.unet(sample, t).sample
             sample = sched.step(eps, t, sample, eta=cfg.eta, generator=step_gen).prev_sample
         out = ((sample.clamp(-1, 1) + 1) / 2).cpu()
-        if out.shape[1] == 1:
-            out = out.expand(-1, 3, -1, -1)
+        if out.shape[1] == 1:  # a grey model gives grey out, whatever came in
+            out, src, grey = out.expand(-1, 3, -1, -1), luma(src).expand(-1, 3, -1, -1), True
         if cfg.keep_detail and images.shape[-1] > self.size[-1]:
             out = add_detail(out, src)
         return like_input(out, images, grey)

@@ -1,0 +1,275 @@
+"""Attack several victims of one round together.
+
+One victim at batch 1 leaves a CPU mostly idle: batch-1 convolutions run on slow kernels and
+every iteration streams the whole model's parameter-sized tensors several times. Victims of
+the same round share the global weights, so their iterations can run as one: torch.func.vmap
+over victims of the per-victim update (each victim keeps its own BatchNorm batch statistics,
+labels and observed update), one fused matching loss for all, one Adam over all images (Adam
+is elementwise, so this is the same as one Adam per victim).
+
+Per-victim results are the same as attacking each alone (up to float rounding); a test checks it.
+"""
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+import torch
+
+from attacks.base import AttackResult, Progress, StopFlag, report, stopped
+from attacks.case import AttackCase
+from attacks.expanded import ExpandedModel, supports
+from attacks.engine import _EXACT_BELOW, GradientInversion, InversionContext, layer_weights
+
+_SAME = ("model_name", "num_classes", "image_shape", "update_kind", "num_images", "local_lr", "local_steps",
+         "local_batch_size", "mean", "std", "grey", "bn_mode")
+
+
+def compatible(cases: Sequence[AttackCase]) -> str | None:
+    """None when the cases can be attacked together, else the reason they cannot."""
+    first = cases[0]
+    for c in cases[1:]:
+        for key in _SAME:
+            if getattr(c, key) != getattr(first, key):
+                return f"cases differ in {key}"
+        if c.update.keys() != first.update.keys():
+            return "cases update different parameters"
+        if c.weights is not first.weights:
+            for k, v in first.weights.items():
+                if not torch.equal(v, c.weights[k]):
+                    return f"cases hold different global weights ({k})"
+    return None
+
+
+def _vshape(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return coef.view(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.dot(a.reshape(-1), b.reshape(-1)).double()
+
+
+def _vdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-victim dot products of (V, ...) tensors: BLAS dots, no elementwise temporary (a
+    batched bmm of this shape is several times slower on the CPU)."""
+    return torch.stack([_dot(a[i], b[i]) for i in range(a.shape[0])])
+
+
+class _MatchingMany(torch.autograd.Function):
+    """The fused matching loss of attacks.engine for V victims at once: returns (V,) losses."""
+
+    @staticmethod
+    def forward(ctx, kind: str, weights: list[float], targets: list[torch.Tensor], tt: torch.Tensor,
+                *gs: torch.Tensor) -> torch.Tensor:
+        w = torch.tensor(weights, dtype=torch.float64, device=gs[0].device).view(-1, 1)  # (L, 1)
+        v = gs[0].shape[0]
+        gg = torch.stack([_vdot(g, g) for g in gs])  # (L, V)
+        gt = torch.stack([_vdot(g, t) for g, t in zip(gs, targets)])
+        if kind == "l2":
+            dd = gg - 2 * gt + tt
+            near = ((w * dd).sum(0) < _EXACT_BELOW * (w * (gg + tt)).sum(0)).tolist()
+            for i in (i for i in range(v) if near[i]):
+                dd[:, i] = torch.stack([_dot(g[i] - t[i], g[i] - t[i]) for g, t in zip(gs, targets)])
+            loss = (w * dd).sum(0)
+            coef_t = (-2 * w).expand(-1, v)
+            coef_g = (2 * w).expand(-1, v)
+        elif kind == "cosine":
+            ng = (w * gg).sum(0).clamp_min(1e-30).sqrt()  # (V,)
+            nt = (w * tt).sum(0).clamp_min(1e-30).sqrt()
+            loss = 1 - (w * gt).sum(0) / (ng * nt)
+            ratio = (ng / nt).tolist()
+            for i in (i for i in range(v) if float(loss[i]) < _EXACT_BELOW):
+                dd = torch.stack([_dot(d, d) for d in (torch.sub(g[i], t[i], alpha=ratio[i])
+                                                       for g, t in zip(gs, targets))])
+                loss[i] = 0.5 * (w[:, 0] * dd).sum() / (ng[i] * ng[i])
+            cos = 1 - loss
+            coef_t = -w / (ng * nt)
+            coef_g = w * cos / (ng * ng)
+        else:  # cosine-layer
+            ng = gg.clamp_min(1e-30).sqrt()  # (L, V)
+            nt = tt.clamp_min(1e-30).sqrt()
+            per_layer = 1 - gt / (ng * nt)
+            ratio = (ng / nt).tolist()
+            for l, i in (per_layer < _EXACT_BELOW).nonzero().tolist():
+                d = torch.sub(gs[l][i], targets[l][i], alpha=ratio[l][i])
+                per_layer[l, i] = 0.5 * _dot(d, d) / (ng[l, i] * ng[l, i])
+            loss = (w * per_layer).sum(0) / w.sum()
+            coef_t = -w / (ng * nt) / w.sum()
+            coef_g = w * (1 - per_layer) / (ng * ng) / w.sum()
+        ctx.coefs = (coef_t, coef_g)
+        ctx.targets = targets
+        ctx.save_for_backward(*gs)
+        return loss.to(gs[0].dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        gs = ctx.saved_tensors
+        coef_t, coef_g = ctx.coefs
+        go = grad_out.double().view(1, -1)
+        a_all, b_all = coef_t * go, coef_g * go  # (L, V)
+        out = [torch.mul(t, _vshape(a, t)).addcmul_(g, _vshape(b, g))
+               for g, t, a, b in zip(gs, ctx.targets, a_all, b_all)]
+        return (None, None, None, None, *out)
+
+
+class MultiVictimInversion:
+    """Run one GradientInversion attack on several compatible cases at once.
+
+    backend: "expanded" (attacks.expanded: per-victim layers as batched GEMMs), "vmap"
+    (torch.func.vmap of the per-victim update), or "auto" (expanded when every layer of the
+    model is supported, else vmap).
+    """
+
+    def __init__(self, attack: GradientInversion, backend: str = "auto") -> None:
+        cfg = attack.config
+        if cfg.bn_stats > 0:
+            raise ValueError("the BatchNorm-statistics prior is not supported when attacking victims together")
+        if backend not in ("auto", "expanded", "vmap"):
+            raise ValueError(f"backend must be auto, expanded or vmap, got {backend!r}")
+        self.attack = attack
+        self.backend = backend
+
+    def run(self, cases: Sequence[AttackCase], progress: Progress | None = None, stop: StopFlag | None = None,
+            device: str | torch.device = "cpu") -> list[AttackResult]:
+        why = compatible(cases)
+        if why:
+            raise ValueError(f"cannot attack these victims together: {why}")
+        attack, cfg = self.attack, self.attack.config
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        t0 = time.perf_counter()
+        ctxs = [attack.prepare(c, device) for c in cases]
+        victim = ctxs[0].victim
+        for ctx in ctxs[1:]:
+            ctx.victim = victim  # one model for all (the weights are the same)
+        v = len(cases)
+        labels = torch.stack([ctx.labels for ctx in ctxs])  # (V, N)
+        targets = [torch.stack(ts).contiguous() for ts in zip(*[ctx.matcher.targets for ctx in ctxs])]
+        tt = torch.tensor([ctx.matcher.tt for ctx in ctxs], dtype=torch.float64).T.contiguous()  # (L, V)
+        weights = layer_weights(cfg.layer_weights, len(targets))
+        params = victim.param_dict()
+        backend = self.backend
+        if backend == "auto":
+            backend = "expanded" if supports(victim.model) is None else "vmap"
+        self.used_backend = backend
+        if backend == "expanded":
+            expanded = ExpandedModel(victim.model, cases[0].bn_mode == "train")
+            c0 = cases[0]
+
+            def update(inp: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
+                return expanded.update(params, victim.names, inp, y, c0.update_kind, c0.local_lr, c0.local_steps,
+                                       c0.local_batch_size)
+        else:
+            update = torch.func.vmap(lambda inp, y: victim.functional_update(params, inp, y))
+
+        def objective(x: torch.Tensor) -> torch.Tensor:  # x: (V, N, C', H, W) pixels -> (V,)
+            inp = victim.normalise(x.flatten(0, 1))
+            gs = update(inp.view(v, -1, *inp.shape[1:]), labels)
+            loss = _MatchingMany.apply(cfg.objective, weights, targets, tt, *gs)
+            if cfg.objective_scale != 1.0:
+                loss = loss * cfg.objective_scale
+            if cfg.tv > 0 or cfg.l2 > 0:
+                per = inp.view(v, -1, *inp.shape[1:])  # (V, N, C, H, W)
+                if cfg.tv > 0:  # total_variation() of each victim's images
+                    dx = (per[..., :, :-1] - per[..., :, 1:]).abs().flatten(1).mean(1)
+                    dy = (per[..., :-1, :] - per[..., 1:, :]).abs().flatten(1).mean(1)
+                    loss = loss + cfg.tv * (dx + dy)
+                if cfg.l2 > 0:
+                    loss = loss + cfg.l2 * torch.linalg.vector_norm(per.flatten(1), dim=1)
+            return loss
+
+        total = cfg.iterations * cfg.restarts
+        best_x = [None] * v
+        best_loss = [math.inf] * v
+        best_hist: list[list[float]] = [[] for _ in range(v)]
+        best_restart = [0] * v
+        done = 0
+        interrupted = False
+        for r in range(cfg.restarts):
+            for ctx in ctxs:
+                ctx.restart = r
+                ctx.generator = torch.Generator().manual_seed(cfg.seed * 1000 + r)
+            x_r, l_r, h_r, n_it, interrupted = self._optimise(ctxs, objective, progress, stop, done, total)
+            done += n_it
+            for i in range(v):
+                if l_r[i] < best_loss[i] or best_x[i] is None:
+                    best_x[i], best_loss[i], best_hist[i], best_restart[i] = x_r[i], l_r[i], h_r[i], r
+            if interrupted:
+                break
+        seconds = time.perf_counter() - t0
+        results = []
+        for i, ctx in enumerate(ctxs):
+            images = victim.to_rgb(best_x[i].clamp(0, 1)).detach().cpu().contiguous()
+            extras = {"best_loss": float(best_loss[i]), "best_restart": float(best_restart[i]),
+                      "labels_recovered": float(ctx.labels_recovered), "interrupted": float(interrupted),
+                      "victims_together": float(v), "it_per_s": done / seconds if seconds > 0 else 0.0,
+                      "victim_it_per_s": v * done / seconds if seconds > 0 else 0.0,
+                      "seconds_per_iteration": seconds / max(done, 1)}
+            results.append(AttackResult(images=images, labels=ctx.labels.cpu(), loss_history=best_hist[i],
+                                        iterations=done, seconds=seconds, extras=extras))
+        return results
+
+    def _optimise(self, ctxs: list[InversionContext], objective, progress, stop, offset: int, total: int):
+        attack, cfg = self.attack, self.attack.config
+        victim = ctxs[0].victim
+        v = len(ctxs)
+        x0 = torch.stack([attack.initial_images(ctx).detach() for ctx in ctxs])  # (V, N, C', H, W)
+        z = victim.pixels_to_param(x0.flatten(0, 1)).view_as(x0).clone().requires_grad_(True)
+        unit = x0[:1, :1]
+        lo = victim.pixels_to_param(torch.zeros_like(unit[0])).unsqueeze(0)
+        hi = victim.pixels_to_param(torch.ones_like(unit[0])).unsqueeze(0)
+        opt, sched = attack._optimizer(z)
+        best_x = [x0[i].clone() for i in range(v)]
+        best_loss = [math.inf] * v
+        hist: list[list[float]] = [[] for _ in range(v)]
+
+        def pixels(zz: torch.Tensor) -> torch.Tensor:
+            return victim.param_to_pixels(zz.flatten(0, 1)).view_as(zz)
+
+        for it in range(cfg.iterations):
+            if stopped(stop):
+                return best_x, best_loss, hist, it, True
+            x = pixels(z)
+            losses = objective(x)
+            (grad,) = torch.autograd.grad(losses.sum(), z)
+            values = losses.detach().double().tolist()
+            xd = x.detach()
+            for i, val in enumerate(values):
+                hist[i].append(val)
+                if val < best_loss[i]:
+                    best_loss[i] = val
+                    best_x[i] = xd[i].clone()
+            if cfg.signed:
+                grad = grad.sign()
+            scales = [attack.pixel_grad_scale(ctx, it, xd[i]) for i, ctx in enumerate(ctxs)]
+            if any(s is not None for s in scales):
+                grad = grad * torch.stack([s if s is not None else torch.ones_like(xd[i])
+                                           for i, s in enumerate(scales)])
+            z.grad = grad
+            opt.step()
+            sched.step()
+            with torch.no_grad():
+                if cfg.box:
+                    torch.maximum(z, lo, out=z)
+                    torch.minimum(z, hi, out=z)
+                xs = pixels(z)
+                for i, ctx in enumerate(ctxs):
+                    new = attack.on_iteration(ctx, it, xs[i], values[i])
+                    if new is not None:
+                        z[i].copy_(victim.pixels_to_param(new.to(z.device)))
+            report(progress, offset + it + 1, total, float(sum(values) / v))
+        x = pixels(z)
+        final = objective(x).detach().double().tolist()
+        for i, val in enumerate(final):
+            if val < best_loss[i]:
+                best_loss[i], best_x[i] = val, x[i].detach().clone()
+        return best_x, best_loss, hist, cfg.iterations, False
+
+
+def invert_together(attack: GradientInversion, cases: Sequence[AttackCase], progress: Progress | None = None,
+                    stop: StopFlag | None = None, device: str | torch.device = "cpu") -> list[AttackResult]:
+    """Attack compatible cases together; incompatible ones (or the BN prior) one by one."""
+    if len(cases) > 1 and compatible(cases) is None and attack.config.bn_stats == 0:
+        return MultiVictimInversion(attack).run(cases, progress, stop, device)
+    return [attack.run(c, progress, stop, device) for c in cases]
