@@ -139,7 +139,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
 BENCHES = {
     "attack": "benchmarks.attack_speed",
     "federation": "benchmarks.federation_speed",
+    "dfleak": "benchmarks.dfleak_table",
 }
+
+
+def cmd_restorer_train(args: argparse.Namespace) -> int:
+    from fl_sim.restorer_train import main as train_main
+
+    return int(train_main(args.rest) or 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -190,6 +197,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("what", choices=sorted(BENCHES))
     bench.add_argument("rest", nargs=argparse.REMAINDER, help="options for the benchmark")
     bench.set_defaults(fn=cmd_bench)
+
+    restorer = sub.add_parser("restorer", help="DFLeak's face restorers: `restorer train` trains the offline "
+                                               "diffusion model on public faces")
+    restorer.add_argument("action", choices=["train"])
+    restorer.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action (train --help lists them)")
+    restorer.set_defaults(fn=cmd_restorer_train)
     return p
 
 

@@ -1,0 +1,282 @@
+"""DFLeak: feature recovery, the initialisation search, the restoration schedule and mask, the
+pixel schedule, and the equivalence with InvertG when its modules are switched off."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from attacks.dfleak import DFLeak, DFLeakConfig, grow_mask, schedule_events
+from attacks.init_search import (candidate_features, penultimate_features, rank_candidates,
+                                 recover_features)
+from attacks.registry import build_attack
+from attacks.restorers import BaseRestorer, register_restorer
+from attacks.synthetic import make_case
+
+
+def _faces(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    """Smooth random images in [0, 1] (fast, no assets)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    return torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def _victim_features(case, image: torch.Tensor) -> torch.Tensor:
+    """The true FC-layer input for the victim's image, from the model as the client ran it."""
+    model = case.build_model()
+    mean = torch.tensor(case.mean).view(1, -1, 1, 1)
+    std = torch.tensor(case.std).view(1, -1, 1, 1)
+    return penultimate_features(model, (image - mean) / std, one_by_one=True)
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Initialisation search
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_name,size", [("resnet18", 64), ("lenet", 32)])
+def test_features_recovered_from_fc_gradient(model_name, size):
+    image = _faces(1, size, seed=3)
+    case = make_case(model_name, 10, image, torch.tensor([4]), seed=7)
+    truth = _victim_features(case, image)
+    recovered = recover_features(case.update, case.update_kind, case.build_model())
+    assert recovered.shape == truth.shape
+    torch.testing.assert_close(recovered, truth, rtol=1e-4, atol=1e-5)
+
+
+def test_features_recovered_from_fedavg_weight_difference():
+    # One local SGD step: the weight difference is -lr * gradient; the ratio is unchanged.
+    image = _faces(1, 32, seed=4)
+    case = make_case("lenet", 10, image, torch.tensor([2]), update_kind="weight-diff", local_lr=0.1, seed=1)
+    truth = _victim_features(case, image)
+    recovered = recover_features(case.update, case.update_kind, case.build_model())
+    torch.testing.assert_close(recovered, truth, rtol=1e-4, atol=1e-5)
+
+
+def test_search_picks_nearest_candidate_in_feature_space():
+    victim = _faces(1, 64, seed=11)
+    case = make_case("resnet18", 10, victim, torch.tensor([1]), seed=5)
+    public = _faces(12, 64, seed=12)
+    attack = DFLeak(DFLeakConfig(public_images=public, iterations=1, residual=False))
+    ctx = attack.prepare(case)
+    # Brute force: every candidate's features through the client's model, one by one.
+    model = case.build_model()
+    mean = torch.tensor(case.mean).view(1, -1, 1, 1)
+    std = torch.tensor(case.std).view(1, -1, 1, 1)
+    feats = penultimate_features(model, (public - mean) / std)
+    target = recover_features(case.update, case.update_kind, model)
+    expected = int(torch.cdist(target.double(), feats.double()).argmin())
+    start = attack.initial_images(ctx)
+    assert ctx.state["init_index"] == [expected]
+    torch.testing.assert_close(start, public[[expected]])
+    # The engine's victim model gives the same candidate features.
+    torch.testing.assert_close(candidate_features(ctx.victim, public), feats, rtol=1e-4, atol=1e-5)
+
+
+def test_search_finds_the_victim_when_it_is_public():
+    victim = _faces(1, 32, seed=21)
+    public = torch.cat([_faces(9, 32, seed=22), victim])[torch.tensor([3, 9, 0, 1, 2, 4, 5, 6, 7, 8])]
+    case = make_case("lenet", 10, victim, torch.tensor([6]), seed=2)
+    attack = DFLeak(DFLeakConfig(public_images=public, iterations=1, residual=False))
+    ctx = attack.prepare(case)
+    assert attack.initial_images(ctx).sub(victim).abs().max() < 1e-6
+    assert ctx.state["search"].distances[0, 0] < 1e-3
+
+
+def test_rank_candidates_orders_by_distance():
+    t = torch.tensor([[0.0, 0.0]])
+    c = torch.tensor([[3.0, 0.0], [1.0, 0.0], [0.0, 2.0]])
+    r = rank_candidates(t, c)
+    assert r.order.tolist() == [[1, 2, 0]]
+    torch.testing.assert_close(r.distances, torch.tensor([[1.0, 2.0, 3.0]], dtype=torch.float64))
+
+
+def test_random_public_start_is_a_seeded_public_face():
+    public = _faces(10, 32, seed=31)
+    case = make_case("lenet", 10, _faces(1, 32, seed=30), torch.tensor([0]), seed=0)
+    picks = []
+    for _ in range(2):
+        attack = build_attack("dfleak-no-init", public_images=public, iterations=1, residual=False, seed=3)
+        ctx = attack.prepare(case)
+        ctx.generator = torch.Generator().manual_seed(3000)
+        start = attack.initial_images(ctx)
+        assert any(torch.equal(start[0], p) for p in public)
+        picks.append(ctx.state["init_index"])
+    assert picks[0] == picks[1]
+
+
+def test_grey_case_uses_grey_public_faces():
+    victim = _faces(1, 32, seed=41).mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    case = make_case("lenet", 10, victim, torch.tensor([1]), grey=True, seed=0)
+    attack = DFLeak(DFLeakConfig(public_images=_faces(5, 48, seed=42), iterations=1, residual=False))
+    ctx = attack.prepare(case)
+    start = attack.initial_images(ctx)
+    assert start.shape == (1, 1, 32, 32)  # grey: one optimised channel, at the case's size
+
+
+# --------------------------------------------------------------------------------------------
+# 2. The restoration schedule and the mask
+# --------------------------------------------------------------------------------------------
+def test_events_spread_evenly_from_the_trigger():
+    events = schedule_events(1000, 5000)
+    assert [e.iteration for e in events] == [1000, 1800, 2600, 3400, 4200]
+    assert [e.share for e in events] == [0.0, 0.25, 0.5, 0.75, 1.0]
+
+
+def test_mask_grows_to_each_share_and_never_shrinks():
+    g = torch.Generator().manual_seed(0)
+    mask = None
+    n, h, w = 2, 10, 10
+    for share in (0.0, 0.25, 0.5, 0.75, 1.0):
+        diff = torch.rand(n, 1, h, w, generator=g)  # a new difference map at every event
+        new = grow_mask(mask, diff, share)
+        assert new.dtype == torch.bool and new.shape == (n, 1, h, w)
+        assert new.flatten(1).sum(1).tolist() == [round(share * h * w)] * n
+        if mask is not None:
+            assert bool((new | ~mask).all()), "a replaced pixel was un-replaced"
+            # The added pixels are the smallest differences among those not yet replaced.
+            for i in range(n):
+                added = (new & ~mask)[i].flatten()
+                free = (~mask)[i].flatten()
+                if added.any():
+                    assert diff[i].flatten()[added].max() <= diff[i].flatten()[free & ~added].min() + 1e-12 \
+                        if (free & ~added).any() else True
+        mask = new
+    assert bool(mask.all())
+
+
+class _Constant(BaseRestorer):
+    """Restores every image to a constant grey: easy to see what was replaced."""
+
+    @dataclasses.dataclass
+    class Config:
+        value: float = 0.25
+
+    calls: list[int] = []
+
+    def restore(self, images, seed):
+        type(self).calls.append(seed)
+        return torch.full_like(images, self.config.value)
+
+
+register_restorer("test-constant")(_Constant)
+
+
+def test_residual_events_replace_the_right_shares_in_an_attack():
+    image = _faces(1, 32, seed=51)
+    case = make_case("lenet", 10, image, torch.tensor([3]), seed=4)
+    _Constant.calls.clear()
+    attack = DFLeak(DFLeakConfig(public_images=_faces(6, 32, seed=52), iterations=40, epsilon=10.0,
+                                 restorer="test-constant", seed=0))
+    result = attack.run(case)
+    log = attack_log = result.extras
+    assert log["trigger_iteration"] == 0.0  # the first loss is below epsilon = 10
+    assert log["restoration_events"] == 4.0  # the 0 % event replaces nothing
+    assert len(_Constant.calls) == 4 * 3  # three seeded restorations per event
+    assert len(set(_Constant.calls)) == 12
+    assert attack_log["replaced_share"] == 1.0
+
+
+def test_events_fire_once_at_their_iterations_and_shares():
+    image = _faces(1, 32, seed=61)
+    case = make_case("lenet", 10, image, torch.tensor([3]), seed=4)
+    attack = DFLeak(DFLeakConfig(public_images=_faces(6, 32, seed=62), iterations=50, epsilon=10.0,
+                                 restorer="test-constant"))
+    fired = []
+    original = attack.apply_event
+
+    def spy(ctx, x, share, event):
+        fired.append((ctx.state["trigger"], share, float(ctx.state["mask"].float().mean()) if ctx.state["mask"] is not None else 0.0))
+        out = original(ctx, x, share, event)
+        # Replaced pixels hold the restoration, the others the current image.
+        m = ctx.state["mask"]
+        assert torch.equal(out[m.expand_as(out)], torch.full_like(out, 0.25)[m.expand_as(out)])
+        assert abs(float(m.float().mean()) - share) < 1e-9
+        return out
+
+    attack.apply_event = spy
+    attack.run(case)
+    assert [f[1] for f in fired] == [0.25, 0.5, 0.75, 1.0]
+    assert [f[2] for f in fired] == [0.0, 0.25, 0.5, 0.75]  # the mask before each event only grows
+
+
+def test_no_trigger_no_restoration():
+    image = _faces(1, 32, seed=71)
+    case = make_case("lenet", 10, image, torch.tensor([3]), seed=4)
+    _Constant.calls.clear()
+    attack = DFLeak(DFLeakConfig(public_images=_faces(6, 32, seed=72), iterations=10, epsilon=1e-9,
+                                 restorer="test-constant"))
+    result = attack.run(case)
+    assert result.extras["trigger_iteration"] == -1.0 and not _Constant.calls
+
+
+# --------------------------------------------------------------------------------------------
+# 3. The pixel update schedule and the equivalence with InvertG
+# --------------------------------------------------------------------------------------------
+def test_pixel_scale_on_replaced_pixels():
+    image = _faces(1, 32, seed=81)
+    case = make_case("lenet", 10, image, torch.tensor([3]), seed=4)
+    attack = DFLeak(DFLeakConfig(public_images=_faces(6, 32, seed=82), iterations=1, alpha_p=0.1))
+    ctx = attack.prepare(case)
+    attack.initial_images(ctx)
+    assert attack.pixel_grad_scale(ctx, 0, torch.zeros(1, 3, 32, 32)) is None  # nothing replaced yet
+    mask = torch.zeros(1, 1, 32, 32, dtype=torch.bool)
+    mask[..., :16, :] = True
+    ctx.state["mask"] = mask
+    scale = attack.pixel_grad_scale(ctx, 0, torch.zeros(1, 3, 32, 32))
+    assert torch.allclose(scale[..., :16, :], torch.tensor(0.1)) and torch.all(scale[..., 16:, :] == 1)
+
+
+@pytest.mark.parametrize("switches", [
+    {"residual": True, "restorer": "none", "alpha_p": 1.0, "epsilon": 10.0},  # events fire, change nothing
+    {"residual": False, "alpha_p": 1.0},
+    {"residual": True, "restorer": "none", "pixel_schedule": False, "epsilon": 10.0},
+])
+@pytest.mark.parametrize("grey", [False, True])
+def test_trajectory_equals_invertg_without_prior_and_schedule(switches, grey):
+    image = _faces(1, 32, seed=91)
+    if grey:
+        image = image.mean(1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+    case = make_case("lenet", 10, image, torch.tensor([5]), seed=6, grey=grey)
+    start = _faces(1, 32, seed=92)
+    common = dict(iterations=30, init="tensor", init_image=start, seed=1)
+    inv = build_attack("invertg", **common).run(case)
+    dfl = build_attack("dfleak", init_search="off", **common, **switches).run(case)
+    assert dfl.loss_history == inv.loss_history
+    assert torch.equal(dfl.images, inv.images)
+
+
+def test_trajectory_differs_with_a_real_schedule():
+    image = _faces(1, 32, seed=91)
+    case = make_case("lenet", 10, image, torch.tensor([5]), seed=6)
+    common = dict(iterations=30, init="tensor", init_image=_faces(1, 32, seed=92), seed=1)
+    inv = build_attack("invertg", **common).run(case)
+    dfl = build_attack("dfleak", init_search="off", restorer="test-constant", epsilon=10.0, **common).run(case)
+    assert dfl.loss_history != inv.loss_history
+
+
+# --------------------------------------------------------------------------------------------
+# Config and presets
+# --------------------------------------------------------------------------------------------
+def test_presets_switch_one_module_each():
+    from attacks.registry import config_fields
+
+    full = config_fields("dfleak")
+    assert (full["init_search"], full["residual"], full["pixel_schedule"]) == ("nearest", True, True)
+    assert (full["epsilon"], full["alpha_p"], full["restorations"]) == (0.3, 0.1, 3)
+    assert full["shares"] == (0.0, 0.25, 0.5, 0.75, 1.0)
+    assert (full["iterations"], full["tv"], full["lr"], full["signed"]) == (5000, 0.01, 0.1, True)
+    assert config_fields("dfleak-no-init")["init_search"] == "random-public"
+    assert config_fields("dfleak-no-restore")["residual"] is False
+    assert config_fields("dfleak-no-schedule")["pixel_schedule"] is False
+
+
+@pytest.mark.parametrize("bad,needle", [
+    ({"restorer": "codeformer"}, "unknown restorer"),
+    ({"restorer_params": {"stepz": 3}}, "stepz"),
+    ({"shares": [0.5, 0.25]}, "non-decreasing"),
+    ({"alpha_p": 2.0}, "alpha_p"),
+    ({"init_search": "best"}, "init_search"),
+])
+def test_bad_settings_are_one_line_errors(bad, needle):
+    with pytest.raises(ValueError, match=needle):
+        build_attack("dfleak", **bad)

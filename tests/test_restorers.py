@@ -1,0 +1,137 @@
+"""Restorers: same shape and range out as in, deterministic for a seed, grey stays grey; the
+diffusion restorer loads a model `fl-sim restorer train` wrote (trained a few steps here)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attacks.restorers import build_restorer, restorer_names
+
+
+def _images(n: int, c: int, size: int, seed: int = 0, grey: bool = False) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    x = torch.nn.functional.interpolate(low, size=(size, size), mode="bilinear", align_corners=False)
+    if grey or c == 1:
+        x = x.mean(1, keepdim=True)
+        x = x.expand(-1, c, -1, -1).contiguous()
+    return x
+
+
+@pytest.fixture(scope="module")
+def ddpm_dir(tmp_path_factory):
+    """A tiny DDPM written by the training command: 3 steps, 16 px, 24 public faces."""
+    from fl_sim.restorer_train import main
+
+    out = tmp_path_factory.mktemp("ddpm")
+    rc = main(["--out", str(out), "--steps", "3", "--size", "16", "--images", "24", "--batch", "4",
+               "--channels", "8,16", "--checkpoint-every", "2", "--no-progress", "--timesteps", "100"])
+    assert rc == 0
+    return out
+
+
+def _build(name: str, ddpm_dir=None):
+    public = _images(12, 3, 32, seed=99)
+    if name == "gan-prior":
+        return build_restorer(name, steps=3, candidates=4, restarts=2)
+    if name == "diffusion":
+        return build_restorer(name, model=str(ddpm_dir), inference_steps=10)
+    return build_restorer(name, public=public)
+
+
+CASES = [(1, 3, 32, False), (2, 3, 48, True), (1, 1, 40, True), (1, 3, 80, False)]
+
+
+def test_registry_lists_every_restorer():
+    assert {"gan-prior", "diffusion", "eigenface", "none"} <= set(restorer_names())
+
+
+@pytest.mark.parametrize("name", ["none", "eigenface", "gan-prior", "diffusion"])
+def test_shape_range_determinism_grey(name, ddpm_dir):
+    restorer = _build(name, ddpm_dir)
+    for n, c, size, grey in CASES:
+        x = _images(n, c, size, seed=size, grey=grey)
+        a = restorer.restore(x, seed=5)
+        b = restorer.restore(x, seed=5)
+        assert a.shape == x.shape and a.dtype == x.dtype
+        assert float(a.min()) >= 0.0 and float(a.max()) <= 1.0
+        assert torch.equal(a, b), f"{name}: not deterministic for a seed"
+        if grey and c == 3:
+            assert torch.equal(a[:, 0], a[:, 1]) and torch.equal(a[:, 1], a[:, 2]), f"{name}: grey in, colour out"
+        if name in ("gan-prior", "diffusion"):
+            assert not torch.equal(restorer.restore(x, seed=6), a), f"{name}: the seed changes nothing"
+
+
+def test_gan_prior_batched_seeds_match_single_calls():
+    restorer = build_restorer("gan-prior", steps=3, candidates=4, restarts=2)
+    x = _images(2, 3, 64, seed=1)
+    many = restorer.restore_many(x, [3, 4])
+    torch.testing.assert_close(many[0], restorer.restore(x, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(many[1], restorer.restore(x, 4), atol=1e-4, rtol=0)
+
+
+def test_gan_prior_fits_a_generated_face():
+    """A face the generator can make is restored closely (the fit works, not just runs)."""
+    from fl_sim.generator import sample_faces
+
+    face = sample_faces(1, seed=7)
+    restorer = build_restorer("gan-prior", steps=25, candidates=16, restarts=1, perceptual=0.0)
+    out = restorer.restore(face, seed=0)
+    start = build_restorer("gan-prior", steps=0, candidates=16, restarts=1, perceptual=0.0).restore(face, seed=0)
+    assert (out - face).pow(2).mean() < (start - face).pow(2).mean()
+
+
+def test_eigenface_reproduces_public_faces():
+    public = _images(10, 3, 32, seed=3)
+    restorer = build_restorer("eigenface", public=public, components=9)
+    torch.testing.assert_close(restorer.restore(public, seed=0), public, atol=1e-4, rtol=0)
+
+
+def test_none_is_the_identity():
+    x = _images(2, 3, 32)
+    assert torch.equal(build_restorer("none").restore(x, seed=1), x)
+
+
+def test_unknown_setting_names_the_allowed_ones():
+    with pytest.raises(ValueError, match="allowed: components"):
+        build_restorer("eigenface", comps=3)
+    with pytest.raises(ValueError, match="unknown restorer"):
+        build_restorer("codeformer")
+
+
+def test_diffusion_missing_model_says_how_to_train(tmp_path, monkeypatch):
+    from attacks.restorers.diffusion import DiffusionModelMissing
+
+    monkeypatch.setenv("FL_SIM_HOME", str(tmp_path))
+    with pytest.raises(DiffusionModelMissing, match="fl-sim restorer train"):
+        build_restorer("diffusion")
+
+
+def test_diffusion_loads_an_untrained_unet_directory(tmp_path):
+    from diffusers import DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(8, 16),
+                       down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
+                       layers_per_block=1, norm_num_groups=8)
+    unet.save_pretrained(tmp_path / "bare")  # a bare UNet directory, default scheduler
+    DDPMScheduler(num_train_timesteps=50).save_pretrained(tmp_path / "bare")
+    restorer = build_restorer("diffusion", model=str(tmp_path / "bare"), inference_steps=5)
+    x = _images(1, 3, 32, seed=2)
+    out = restorer.restore(x, seed=1)
+    assert out.shape == x.shape and torch.equal(out, restorer.restore(x, seed=1))
+    assert torch.equal(out[:, 0], out[:, 1])  # a one-channel model gives grey
+
+
+def test_training_resumes_and_refuses_to_overwrite(ddpm_dir):
+    import json
+
+    from fl_sim.restorer_train import main
+
+    assert json.loads((ddpm_dir / "training.json").read_text())["step"] == 3
+    common = ["--out", str(ddpm_dir), "--size", "16", "--images", "24", "--batch", "4", "--channels", "8,16",
+              "--no-progress", "--timesteps", "100"]
+    assert main(common + ["--steps", "5"]) == 2  # exists, no --resume
+    assert main(common + ["--steps", "5", "--resume"]) == 0
+    assert json.loads((ddpm_dir / "training.json").read_text())["step"] == 5
+    assert main(common[:3] + ["32"] + common[4:] + ["--steps", "6", "--resume"]) == 2  # shape change
