@@ -28,6 +28,7 @@ from torch import nn
 
 from attacks.base import Attack, AttackResult, Progress, StopFlag, report, stopped
 from attacks.case import AttackCase
+from attacks.expanded import supports
 from attacks.labels import case_labels
 
 Objective = Literal["l2", "cosine", "cosine-layer"]
@@ -337,6 +338,15 @@ class GradientMatcher:
         return loss * self.scale
 
 
+def exact_threshold(matcher: GradientMatcher) -> float:
+    """The matching loss under which the factored forms (attacks.factored) lose precision in
+    float32: 1 - cos below 1e-3; for L2 (|g|^2 - 2<g,t> + |t|^2, whose float32 terms carry
+    errors of ~1e-4 of |t|^2) below a tenth of the target's squared norm."""
+    if matcher.kind == "l2":
+        return 0.1 * matcher.scale * sum(w * t for w, t in zip(matcher.weights, matcher.tt))
+    return _EXACT_BELOW * matcher.scale
+
+
 # --------------------------------------------------------------------------------------------
 # Image priors
 # --------------------------------------------------------------------------------------------
@@ -378,6 +388,9 @@ class InversionConfig:
     label_rule: Literal["auto", "sign", "negative-bias", "count"] = "auto"
     seed: int = 0
     channels_last: bool = False
+    # FedSGD: match without materialising the parameter gradients (attacks.factored) while far
+    # from the optimum; the same loss and image gradient up to float rounding, 1.3-3x faster.
+    fast: bool = True
     num_threads: int = 0  # 0: leave torch's setting alone
 
     def __post_init__(self) -> None:
@@ -469,8 +482,7 @@ class GradientInversion(Attack):
         victim = ctx.victim
         if cfg.bn_stats > 0:
             victim._bn_inputs = []
-        grads = victim.simulate(x, ctx.labels)
-        loss = ctx.matcher(grads)
+        loss = self.matching(ctx, x)
         if cfg.tv > 0 or cfg.l2 > 0:
             inp = victim.normalise(x)
             if cfg.tv > 0:
@@ -481,17 +493,41 @@ class GradientInversion(Attack):
             loss = loss + cfg.bn_stats * victim.bn_loss()
         return loss
 
+    def matching(self, ctx: InversionContext, x: torch.Tensor) -> torch.Tensor:
+        """The gradient-matching term of pixel images x: factored while far from the optimum
+        (when available), exact (materialised gradients, no cancellation) near it."""
+        fast = ctx.state.get("factored")
+        if fast is not None:
+            loss = fast(ctx.victim.normalise(x).unsqueeze(0), ctx.labels.unsqueeze(0))[0]
+            if float(loss.detach()) >= ctx.state["exact_below"]:
+                return loss
+            ctx.state["factored"] = None  # from now on the exact formulation
+        return ctx.matcher(ctx.victim.simulate(x, ctx.labels))
+
     # -- setup -------------------------------------------------------------------------------
-    def prepare(self, case: AttackCase, device: str | torch.device = "cpu") -> InversionContext:
+    def prepare(self, case: AttackCase, device: str | torch.device = "cpu", victim: VictimModel | None = None,
+                fast: bool = True) -> InversionContext:
+        """The context of one attack run. `victim`: reuse a model built for a compatible case
+        (same architecture, weights and training settings; attacking victims together)."""
         cfg = self.config
         device = torch.device(device)
-        victim = VictimModel(case, device, channels_last=cfg.channels_last)
+        if victim is None:
+            victim = VictimModel(case, device, channels_last=cfg.channels_last)
         labels, recovered = case_labels(case, victim.model, cfg.label_rule)
-        matcher = GradientMatcher(victim.targets(), cfg.objective, cfg.layer_weights, cfg.objective_scale)
+        targets = [case.update[n].detach().to(device, torch.float32) for n in victim.names]
+        matcher = GradientMatcher(targets, cfg.objective, cfg.layer_weights, cfg.objective_scale)
         victim.record_bn_inputs(cfg.bn_stats > 0)
-        return InversionContext(case=case, victim=victim, matcher=matcher, labels=labels.to(device),
-                                labels_recovered=recovered, config=cfg, device=device,
-                                total_iterations=cfg.iterations * cfg.restarts)
+        ctx = InversionContext(case=case, victim=victim, matcher=matcher, labels=labels.to(device),
+                               labels_recovered=recovered, config=cfg, device=device,
+                               total_iterations=cfg.iterations * cfg.restarts)
+        if fast and cfg.fast and case.update_kind == "gradient" and cfg.bn_stats == 0 and supports(victim.model) is None:
+            from attacks.factored import FactoredMatcher
+
+            ctx.state["factored"] = FactoredMatcher(victim.model, case.bn_mode == "train", victim.names,
+                                                    [t.unsqueeze(0) for t in matcher.targets], matcher.weights,
+                                                    cfg.objective, cfg.objective_scale)
+            ctx.state["exact_below"] = exact_threshold(matcher)
+        return ctx
 
     def _optimizer(self, z: torch.Tensor) -> tuple[torch.optim.Optimizer, Any]:
         cfg = self.config

@@ -20,7 +20,8 @@ import torch
 from attacks.base import AttackResult, Progress, StopFlag, report, stopped
 from attacks.case import AttackCase
 from attacks.expanded import ExpandedModel, supports
-from attacks.engine import _EXACT_BELOW, GradientInversion, InversionContext, layer_weights
+from attacks.engine import _EXACT_BELOW, GradientInversion, InversionContext, exact_threshold, layer_weights
+from attacks.factored import FactoredMatcher
 
 _SAME = ("model_name", "num_classes", "image_shape", "update_kind", "num_images", "local_lr", "local_steps",
          "local_batch_size", "mean", "std", "grey", "bn_mode")
@@ -116,17 +117,18 @@ class _MatchingMany(torch.autograd.Function):
 class MultiVictimInversion:
     """Run one GradientInversion attack on several compatible cases at once.
 
-    backend: "expanded" (attacks.expanded: per-victim layers as batched GEMMs), "vmap"
-    (torch.func.vmap of the per-victim update), or "auto" (expanded when every layer of the
-    model is supported, else vmap).
+    backend: "factored" (attacks.factored: FedSGD matching without parameter gradients, the
+    fastest; near an optimum it hands over to an exact backend), "expanded" (attacks.expanded:
+    per-victim layers as batched GEMMs), "vmap" (torch.func.vmap of the per-victim update), or
+    "auto" (factored for FedSGD cases of supported models, else expanded, else vmap).
     """
 
     def __init__(self, attack: GradientInversion, backend: str = "auto") -> None:
         cfg = attack.config
         if cfg.bn_stats > 0:
             raise ValueError("the BatchNorm-statistics prior is not supported when attacking victims together")
-        if backend not in ("auto", "expanded", "vmap"):
-            raise ValueError(f"backend must be auto, expanded or vmap, got {backend!r}")
+        if backend not in ("auto", "factored", "expanded", "vmap"):
+            raise ValueError(f"backend must be auto, factored, expanded or vmap, got {backend!r}")
         self.attack = attack
         self.backend = backend
 
@@ -139,44 +141,55 @@ class MultiVictimInversion:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         t0 = time.perf_counter()
-        ctxs = [attack.prepare(c, device) for c in cases]
-        victim = ctxs[0].victim
-        for ctx in ctxs[1:]:
-            ctx.victim = victim  # one model for all (the weights are the same)
+        first = attack.prepare(cases[0], device, fast=False)
+        victim = first.victim  # one model for all: the weights are the same
+        ctxs = [first] + [attack.prepare(c, device, victim=victim, fast=False) for c in cases[1:]]
         v = len(cases)
         labels = torch.stack([ctx.labels for ctx in ctxs])  # (V, N)
         targets = [torch.stack(ts).contiguous() for ts in zip(*[ctx.matcher.targets for ctx in ctxs])]
         tt = torch.tensor([ctx.matcher.tt for ctx in ctxs], dtype=torch.float64).T.contiguous()  # (L, V)
         weights = layer_weights(cfg.layer_weights, len(targets))
         params = victim.param_dict()
-        backend = self.backend
-        if backend == "auto":
-            backend = "expanded" if supports(victim.model) is None else "vmap"
-        self.used_backend = backend
-        if backend == "expanded":
-            expanded = ExpandedModel(victim.model, cases[0].bn_mode == "train")
-            c0 = cases[0]
+        c0 = cases[0]
+        exact_backend = self.backend if self.backend in ("expanded", "vmap") else (
+            "expanded" if supports(victim.model) is None else "vmap")
+        if exact_backend == "expanded":
+            expanded = ExpandedModel(victim.model, c0.bn_mode == "train")
 
             def update(inp: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
                 return expanded.update(params, victim.names, inp, y, c0.update_kind, c0.local_lr, c0.local_steps,
                                        c0.local_batch_size)
         else:
             update = torch.func.vmap(lambda inp, y: victim.functional_update(params, inp, y))
+        fast = None
+        if (self.backend in ("auto", "factored") and cfg.fast and c0.update_kind == "gradient"
+                and supports(victim.model) is None):
+            fast = FactoredMatcher(victim.model, c0.bn_mode == "train", victim.names, targets, weights,
+                                   cfg.objective, cfg.objective_scale)
+        thresholds = torch.tensor([exact_threshold(ctx.matcher) for ctx in ctxs])
+        state = {"fast": fast}
+        self.used_backend = "factored" if fast is not None else exact_backend
+
+        def matching(inp5: torch.Tensor) -> torch.Tensor:
+            if state["fast"] is not None:
+                loss = state["fast"](inp5, labels)
+                if bool((loss.detach().cpu().double() >= thresholds).all()):
+                    return loss
+                state["fast"] = None  # near an optimum: the exact formulation from now on
+            gs = update(inp5, labels)
+            loss = _MatchingMany.apply(cfg.objective, weights, targets, tt, *gs)
+            return loss * cfg.objective_scale if cfg.objective_scale != 1.0 else loss
 
         def objective(x: torch.Tensor) -> torch.Tensor:  # x: (V, N, C', H, W) pixels -> (V,)
             inp = victim.normalise(x.flatten(0, 1))
-            gs = update(inp.view(v, -1, *inp.shape[1:]), labels)
-            loss = _MatchingMany.apply(cfg.objective, weights, targets, tt, *gs)
-            if cfg.objective_scale != 1.0:
-                loss = loss * cfg.objective_scale
-            if cfg.tv > 0 or cfg.l2 > 0:
-                per = inp.view(v, -1, *inp.shape[1:])  # (V, N, C, H, W)
-                if cfg.tv > 0:  # total_variation() of each victim's images
-                    dx = (per[..., :, :-1] - per[..., :, 1:]).abs().flatten(1).mean(1)
-                    dy = (per[..., :-1, :] - per[..., 1:, :]).abs().flatten(1).mean(1)
-                    loss = loss + cfg.tv * (dx + dy)
-                if cfg.l2 > 0:
-                    loss = loss + cfg.l2 * torch.linalg.vector_norm(per.flatten(1), dim=1)
+            per = inp.view(v, -1, *inp.shape[1:])  # (V, N, C, H, W)
+            loss = matching(per)
+            if cfg.tv > 0:  # total_variation() of each victim's images
+                dx = (per[..., :, :-1] - per[..., :, 1:]).abs().flatten(1).mean(1)
+                dy = (per[..., :-1, :] - per[..., 1:, :]).abs().flatten(1).mean(1)
+                loss = loss + cfg.tv * (dx + dy)
+            if cfg.l2 > 0:
+                loss = loss + cfg.l2 * torch.linalg.vector_norm(per.flatten(1), dim=1)
             return loss
 
         total = cfg.iterations * cfg.restarts

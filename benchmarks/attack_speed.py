@@ -41,7 +41,7 @@ def _setup(model: str, size: int, victims: int, seed: int = 0):
 
 
 def _measure(mode: str, model: str, size: int, victims: int, iterations: int, warmup: int, threads: int,
-             channels_last: bool) -> dict[str, Any]:
+             channels_last: bool, backend: str = "auto") -> dict[str, Any]:
     """One measurement, in this process."""
     import resource
 
@@ -73,20 +73,21 @@ def _measure(mode: str, model: str, size: int, victims: int, iterations: int, wa
 
         for _ in range(warmup):
             step()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(iterations):
             step()
-        seconds = time.perf_counter() - t0
+        seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
         victim_its = iterations
     else:
         from attacks.registry import build_attack
 
-        attack = build_attack("invertg", iterations=warmup + iterations, channels_last=channels_last)
-        stamps: list[float] = []
+        attack = build_attack("invertg", iterations=warmup + iterations, channels_last=channels_last,
+                              fast=backend != "exact")
+        stamps: list[tuple[float, float]] = []
 
         def progress(it: int, total: int, loss: float) -> None:
             if it in (warmup, warmup + iterations):
-                stamps.append(time.perf_counter())
+                stamps.append((time.perf_counter(), time.process_time()))
 
         if mode == "engine":
             attack.run(cases[0], progress=progress)
@@ -94,12 +95,13 @@ def _measure(mode: str, model: str, size: int, victims: int, iterations: int, wa
         else:
             from attacks.multi import MultiVictimInversion
 
-            MultiVictimInversion(attack, backend=os.environ.get("FL_SIM_MULTI_BACKEND", "auto")).run(cases, progress=progress)
-        seconds = stamps[1] - stamps[0]
+            MultiVictimInversion(attack, backend=backend).run(cases, progress=progress)
+        seconds, cpu = stamps[1][0] - stamps[0][0], stamps[1][1] - stamps[0][1]
         victim_its = iterations * victims
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"mode": mode, "model": model, "size": size, "victims": victims, "bn": bn_mode,
-            "victim_it_per_s": victim_its / seconds, "peak_rss_mb": peak_mb, "threads": threads}
+            "victim_it_per_s": victim_its / seconds, "victim_it_per_cpu_s": victim_its / cpu,
+            "peak_rss_mb": peak_mb, "threads": threads, "backend": backend if mode != "reference" else "-"}
 
 
 def _in_subprocess(job: dict[str, Any]) -> dict[str, Any]:
@@ -122,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the median is shown")
     p.add_argument("--no-reference", action="store_true", help="skip the plain reference loop")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--backend", default="auto", choices=["auto", "factored", "expanded", "vmap", "exact"],
+                   help="multi-victim backend; 'exact' also turns off the factored single-victim path")
     p.add_argument("--in-process", action="store_true", help="measure in this process (peak RSS is then shared)")
     p.add_argument("--json", help="also write the rows to this JSON file")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -143,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for mode, model, size, v in jobs:
             job = {"mode": mode, "model": model, "size": size, "victims": v, "iterations": args.iterations,
-                   "warmup": args.warmup, "threads": args.threads, "channels_last": args.channels_last}
+                   "warmup": args.warmup, "threads": args.threads, "channels_last": args.channels_last,
+                   "backend": args.backend}
             row = _measure(**job) if args.in_process else _in_subprocess(job)
             results.setdefault((mode, model, size, v), []).append(row)
             print(f"  measured {mode:9s} {model:12s} {size:4d} px  V={v:<2d} "
@@ -153,19 +158,24 @@ def main(argv: list[str] | None = None) -> int:
     for key, runs in results.items():
         row = dict(runs[0])
         row["victim_it_per_s"] = statistics.median(r["victim_it_per_s"] for r in runs)
+        row["victim_it_per_cpu_s"] = statistics.median(r["victim_it_per_cpu_s"] for r in runs)
         row["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
         rows.append(row)
     ref = {(r["model"], r["size"]): r["victim_it_per_s"] for r in rows if r["mode"] == "reference"}
-    print(f"InvertG iteration speed, {args.threads} thread(s), median of {args.repeats}; "
-          f"victim-it/s = iterations x victims per second")
-    header = f"{'model':12s} {'px':>4s} {'bn':5s} {'mode':9s} {'victims':>7s} {'victim-it/s':>11s} {'x ref':>6s} {'peak RSS MB':>11s}"
+    print(f"InvertG iteration speed, {args.threads} thread(s), median of {args.repeats}. victim-it/s = "
+          f"iterations x victims per wall second; per CPU-s = per second of this process's CPU time "
+          f"(steadier when other work shares the machine)")
+    header = (f"{'model':12s} {'px':>4s} {'bn':5s} {'mode':9s} {'backend':8s} {'victims':>7s} {'victim-it/s':>11s} "
+              f"{'x ref':>6s} {'per CPU-s':>9s} {'x ref':>6s} {'peak RSS MB':>11s}")
     print(header)
     print("-" * len(header))
+    ref_cpu = {(r["model"], r["size"]): r["victim_it_per_cpu_s"] for r in rows if r["mode"] == "reference"}
     for r in rows:
-        base = ref.get((r["model"], r["size"]))
-        speedup = f"{r['victim_it_per_s'] / base:6.2f}" if base else f"{'-':>6s}"
-        print(f"{r['model']:12s} {r['size']:4d} {r['bn']:5s} {r['mode']:9s} {r['victims']:7d} "
-              f"{r['victim_it_per_s']:11.2f} {speedup} {r['peak_rss_mb']:11.0f}")
+        key = (r["model"], r["size"])
+        wall_x = f"{r['victim_it_per_s'] / ref[key]:6.2f}" if key in ref else f"{'-':>6s}"
+        cpu_x = f"{r['victim_it_per_cpu_s'] / ref_cpu[key]:6.2f}" if key in ref_cpu else f"{'-':>6s}"
+        print(f"{r['model']:12s} {r['size']:4d} {r['bn']:5s} {r['mode']:9s} {r['backend']:8s} {r['victims']:7d} "
+              f"{r['victim_it_per_s']:11.2f} {wall_x} {r['victim_it_per_cpu_s']:9.2f} {cpu_x} {r['peak_rss_mb']:11.0f}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1)
