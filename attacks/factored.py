@@ -141,6 +141,8 @@ class FactoredMatcher:
     def __call__(self, inp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """inp: (V, N, C, H, W) normalised model input, labels (V, N) -> losses (V,)."""
         v, n = labels.shape
+        if not inp.requires_grad:  # the layer-output gradients need a graph to exist
+            inp = inp.detach().requires_grad_(True)
         self.store.records = []
         self.store.victims = v
         out = self.net(inp.reshape(v * n, *inp.shape[2:]))
