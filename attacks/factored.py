@@ -138,9 +138,15 @@ class FactoredMatcher:
         self.nt = (w.view(-1, 1) * tt).sum(0).sqrt()  # (V,)
         self.wsum = float(w.sum())
 
-    def __call__(self, inp: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """inp: (V, N, C, H, W) normalised model input, labels (V, N) -> losses (V,)."""
+    def __call__(self, inp: torch.Tensor, labels: torch.Tensor, create_graph: bool = True) -> torch.Tensor:
+        """inp: (V, N, C, H, W) normalised model input, labels (V, N) -> losses (V,).
+
+        With targets of batch 1 every one of the V inputs is matched against the same target
+        (candidates of one victim, as in GGL). create_graph=False: values only (no image
+        gradient), cheaper."""
         v, n = labels.shape
+        if self.victims not in (1, v):
+            raise ValueError(f"{v} inputs for targets of {self.victims} victims")
         if not inp.requires_grad:  # the layer-output gradients need a graph to exist
             inp = inp.detach().requires_grad_(True)
         self.store.records = []
@@ -148,7 +154,7 @@ class FactoredMatcher:
         out = self.net(inp.reshape(v * n, *inp.shape[2:]))
         records, self.store.records = self.store.records, []
         ce = F.cross_entropy(out, labels.reshape(-1), reduction="sum") / n
-        gouts = torch.autograd.grad(ce, [r.out for r in records], create_graph=True)
+        gouts = torch.autograd.grad(ce, [r.out for r in records], create_graph=create_graph)
         gt_sum = torch.zeros(v, dtype=torch.float64, device=inp.device)
         gg_sum = torch.zeros_like(gt_sum)
         per_layer = []
@@ -235,7 +241,11 @@ class FactoredMatcher:
             return
         # (T b)^T = b^T T^T: with R small this orientation runs 3-4x faster on the CPU (forward
         # and backward) than bmm(T, b), whose skinny product MKL handles poorly.
-        tb_t = torch.bmm(b.transpose(1, 2), t.reshape(t.shape[0], a.shape[1], b.shape[1]).transpose(1, 2))
+        v, o, r = a.shape
+        if t.shape[0] == 1 and v > 1:  # one target for all inputs: a single GEMM
+            tb_t = (b.transpose(1, 2).reshape(v * r, -1) @ t.reshape(o, -1).T).view(v, r, o)
+        else:
+            tb_t = torch.bmm(b.transpose(1, 2), t.reshape(t.shape[0], o, b.shape[1]).transpose(1, 2))
         gt = (a.transpose(1, 2) * tb_t).sum((1, 2))
         gg = (torch.bmm(a.transpose(1, 2), a) * torch.bmm(b.transpose(1, 2), b)).sum((1, 2))
         yield pname, gt, gg

@@ -11,6 +11,7 @@ Per-victim results are the same as attacking each alone (up to float rounding); 
 """
 from __future__ import annotations
 
+import inspect
 import math
 import time
 from typing import Sequence
@@ -141,9 +142,16 @@ class MultiVictimInversion:
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
         t0 = time.perf_counter()
-        first = attack.prepare(cases[0], device, fast=False)
-        victim = first.victim  # one model for all: the weights are the same
-        ctxs = [first] + [attack.prepare(c, device, victim=victim, fast=False) for c in cases[1:]]
+        params_of_prepare = inspect.signature(attack.prepare).parameters
+        if "victim" in params_of_prepare and "fast" in params_of_prepare:
+            first = attack.prepare(cases[0], device, fast=False)
+            victim = first.victim  # one model for all: the weights are the same
+            ctxs = [first] + [attack.prepare(c, device, victim=victim, fast=False) for c in cases[1:]]
+        else:  # a subclass with its own prepare(case, device): one model each, then share one
+            ctxs = [attack.prepare(c, device) for c in cases]
+            victim = ctxs[0].victim
+            for ctx in ctxs:
+                ctx.state["factored"] = None
         v = len(cases)
         labels = torch.stack([ctx.labels for ctx in ctxs])  # (V, N)
         targets = [torch.stack(ts).contiguous() for ts in zip(*[ctx.matcher.targets for ctx in ctxs])]

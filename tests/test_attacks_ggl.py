@@ -1,6 +1,7 @@
 """GGL: latent search of the face generator with CMA-ES, and its adaptive mode."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -85,3 +86,12 @@ def test_latent_kl_is_zero_for_standard_normal_moments():
     z = torch.randn(3, 100000, generator=torch.Generator().manual_seed(0))
     assert torch.all(latent_kl(z) < 1e-3)
     assert torch.all(latent_kl(3 * z + 1) > 1.0)
+
+
+def test_ggl_factored_distances_equal_materialised():
+    gen = _generator()
+    img = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    case = make_case("resnet18", 10, img, torch.tensor([4]))
+    runs = [build_attack("ggl", generator=gen, budget=2, population=10, fast=fast).run(case) for fast in (True, False)]
+    assert runs[0].loss_history == pytest.approx(runs[1].loss_history, rel=1e-3)
+    assert torch.allclose(runs[0].images, runs[1].images, atol=1e-4)
