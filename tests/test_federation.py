@@ -212,6 +212,14 @@ def test_victim_case_holds_the_victims_update(tmp_path, lenet_init, algorithm):
         for name, s in zip(case.parameter_names(), simulated):
             torch.testing.assert_close(case.update[name], s.detach(), rtol=1e-4, atol=1e-6)
 
+    if algorithm == "fedsgd":  # a saved case attacked offline (`fl-sim attack`), truth found beside it
+        from fl_sim.offline import attack_case_file
+
+        register_count_attack()
+        offline = attack_case_file(cases[0], COUNT_ATTACK, ["delay=0"], tmp_path / "offline")
+        frame = RunDirectory.open(offline.path).metrics_frame()
+        assert len(frame) == 1 and frame.psnr.notna().all() and frame.truth_image.iloc[0]
+
 
 def test_same_seed_same_clients_and_metrics(tmp_path, lenet_init):
     register_count_attack()
