@@ -59,7 +59,7 @@ def test_engine_hands_over_to_exact_matching_near_the_optimum():
     x = attack.initial_images(ctx)
     loss = attack.matching(ctx, x)
     assert ctx.state["factored"] is None
-    assert float(loss) == pytest.approx(float(ctx.matcher(ctx.victim.simulate(x, ctx.labels))), rel=1e-6)
+    assert float(loss.detach()) == pytest.approx(float(ctx.matcher(ctx.victim.simulate(x, ctx.labels)).detach()), rel=1e-6)
     # ResNet18 far from the optimum keeps the factored form
     cases, _, _ = _victims("resnet18", 64, 1, 1)
     ctx = attack.prepare(cases[0])
