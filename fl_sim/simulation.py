@@ -11,10 +11,15 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
+import sys
+import threading
 import time
+from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
@@ -88,17 +93,37 @@ def run_experiment(config: ExperimentConfig, run: RunDirectory, resume: bool) ->
 
     quiet_environment(run)
     validate(config)
+    reap_stale_ray(run)  # a previous, killed attempt of this run may have left Ray agents
     job = Job(config=config, run=run, resume=resume, console=Console())
     t0 = time.perf_counter()
     try:
-        run_federation(job)
-    except KeyboardInterrupt:
-        job.stop.set()
+        with _sigterm_as_interrupt():
+            run_federation(job)
+    except (KeyboardInterrupt, SystemExit):
+        job.stop.set()  # the ServerApp thread stops its attack and does not start a round
         raise
     finally:
         shutdown_ray()
         run.close()
     finish_run(job, time.perf_counter() - t0)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (docker stop, kill) unwinds like Ctrl-C, so Ray is shut down on the way out."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    old = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 def run_federation(job) -> None:
@@ -107,27 +132,23 @@ def run_federation(job) -> None:
     from server.app import make_server_app
 
     config = job.config
-    server_app = make_server_app(job)
-    # The store's SQLite connection belongs to the thread that opened it; the ServerApp may
-    # run in another (run_simulation's server thread): close it here, it reopens there.
-    job.run.close()
+    server_app = make_server_app(job)  # it opens its own handle on the run (its own thread)
     if config.engine.backend == "inprocess":
         from flwr.app import Context, RecordDict
 
         from server.grid import InProcessGrid
 
         grid = InProcessGrid(client_app, config.federation.num_clients)
-        try:
-            server_app(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                                     run_config={}))
-        finally:
-            job.run.close()
+        server_app(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                                 run_config={}))
         return
 
     from flwr.simulation import run_simulation
 
+    backend_config = ray_backend_config(config)
+    start_ray(backend_config["init_args"], job.run, local=not config.engine.ray_address)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.federation.num_clients,
-                   backend_config=ray_backend_config(config))
+                   backend_config=backend_config)
 
 
 def ray_backend_config(config: ExperimentConfig) -> dict:
@@ -145,9 +166,69 @@ def ray_backend_config(config: ExperimentConfig) -> dict:
             "init_args": init_args}
 
 
-def shutdown_ray() -> None:
-    import sys
+RAY_SESSION_STATE = "ray_session"
 
+
+def start_ray(init_args: dict, run: RunDirectory, local: bool) -> None:
+    """Start (or join) Ray here rather than inside Flower's engine, which then reuses it, so
+    the session of a local Ray is known: it is recorded in the run's store and a later
+    start of the run reaps what a hard kill left of it (Ray's agents outlive a killed
+    driver)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    # What Flower's Ray backend does: actors see the driver's import path.
+    pythonpath = os.pathsep.join(sys.path)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, include_dashboard=False, **init_args)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_interrupt)  # ray.init installed its own (sys.exit)
+    if local:
+        try:
+            session = ray._private.worker._global_node.get_session_dir_path()  # noqa: SLF001
+        except AttributeError:  # pragma: no cover - a Ray without this private accessor
+            return
+        run.set_state(RAY_SESSION_STATE, str(session).encode())
+
+
+def reap_stale_ray(run: RunDirectory) -> None:
+    """Stop the orphans (parent gone) of a local Ray session an earlier, killed attempt of
+    this run started: processes holding files of that session's directory."""
+    blob = run.get_state(RAY_SESSION_STATE)
+    if not blob:
+        return
+    session = blob.decode()
+    driver = session.rsplit("_", 1)[-1]
+    if driver.isdigit() and int(driver) != os.getpid() and Path(f"/proc/{driver}").exists():
+        return  # that driver still runs: not ours to touch
+    stale = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            if proc.stat().st_uid != os.getuid():
+                continue
+            if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) != 1:
+                continue
+            fds = [os.readlink(fd) for fd in (proc / "fd").iterdir()]
+        except (OSError, ValueError, IndexError):
+            continue
+        if any(f.startswith(session + os.sep) for f in fds):
+            stale.append(int(proc.name))
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in stale:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        if sig == signal.SIGTERM and stale:
+            time.sleep(2)
+    if stale:
+        log.info("stopped %d Ray process(es) left by an earlier attempt of this run", len(stale))
+    run.set_state(RAY_SESSION_STATE, b"")
+
+
+def shutdown_ray() -> None:
     if "ray" in sys.modules:
         import ray
 

@@ -24,10 +24,11 @@ def make_server_app(job: Job) -> ServerApp:
 
     @server_app.main()
     def main(grid: Grid, context: Context) -> None:
+        federation = Federation(job)
         try:
-            Federation(job).serve(grid)
+            federation.serve(grid)
         finally:
-            job.run.close()  # this thread's SQLite connection
+            federation.run.close()  # this thread's SQLite connection
 
     return server_app
 
@@ -74,7 +75,11 @@ def main(grid: Grid, context: Context) -> None:
     job = job_from_run_config(dict(context.run_config))
     quiet_environment(job.run)
     job.console.print(f"run directory: {job.run.path}")
-    Federation(job).serve(grid)
+    federation = Federation(job)
+    try:
+        federation.serve(grid)
+    finally:
+        federation.run.close()
     finish_run(job)
 
 

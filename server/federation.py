@@ -125,13 +125,15 @@ class Federation:
     def __init__(self, job: Job) -> None:
         self.job = job
         self.config = job.config
-        self.run = job.run
+        # Our own handle on the run directory: this may run in run_simulation's server
+        # thread, and a SQLite connection belongs to the thread that opened it.
+        self.run = RunDirectory(job.run.path)
         self.data: FederatedData = federated_data(self.config)
         torch.manual_seed(self.config.seed)
         self.model = build_model(self.config.model.name, self.data.num_classes, self.config.model.weights)
         self.param_names = [n for n, _ in self.model.named_parameters()]
         self.display: Display | None = None
-        self.runner = AttackRunner(job.run, self.config.attacks, self.config.metrics, self.config.device,
+        self.runner = AttackRunner(self.run, self.config.attacks, self.config.metrics, self.config.device,
                                    self.config.engine.attack_parallelism, public=self._public_if_needed(),
                                    events=RunnerEvents(self._attack_start, self._attack_iteration, self._attack_done),
                                    stop=job.stop)
@@ -152,7 +154,7 @@ class Federation:
         """Partition id -> node id, from one query round (node ids are random each run)."""
         nodes = list(grid.get_node_ids())
         msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
-        replies = list(grid.send_and_receive(msgs, timeout=self.job.reply_timeout))
+        replies = self.exchange(grid, msgs)
         mapping: dict[int, int] = {}
         for r in replies:
             if r.has_error():
@@ -202,7 +204,9 @@ class Federation:
                 display.round_started(rnd, total)
                 self.round_attacks = []
                 messages = strategy.configure_train(rnd, arrays, train_config, grid)
-                replies = grid.send_and_receive(messages, timeout=self.job.reply_timeout)
+                replies = self.exchange(grid, messages)
+                if self.job.stop.is_set():
+                    break
                 new_arrays, metrics = strategy.aggregate_train(rnd, replies)
                 self.runner.wait()
                 if new_arrays is None:
@@ -227,6 +231,24 @@ class Federation:
                 self.run.set_state(STATE_ROUND, str(rnd).encode())
                 display.round_done(rec, total, len(strategy.failed), self.round_attacks)
             self.display = None
+
+    def exchange(self, grid: Grid, messages) -> list[Message]:
+        """`grid.send_and_receive`, but it gives up when the job is stopped (a Flower grid
+        waits for replies up to its timeout, which would hold the process after Ctrl-C)."""
+        pending = set(grid.push_messages(messages))
+        replies: list[Message] = []
+        deadline = time.monotonic() + self.job.reply_timeout
+        while pending:
+            got = list(grid.pull_messages(pending))
+            replies.extend(got)
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or self.job.stop.is_set() or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        if pending and not self.job.stop.is_set():
+            log.warning("%d of %d clients did not reply in %.0f s", len(pending), len(pending) + len(replies),
+                        self.job.reply_timeout)
+        return replies
 
     def evaluate(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         """Accuracy and mean cross-entropy of the global model on the held-out test set."""
