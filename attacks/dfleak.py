@@ -66,9 +66,15 @@ class DFLeakConfig(InvertGConfig):
     pixel_schedule: bool = True
     alpha_p: float = 0.1
     pixel_schedule_mode: Literal["gradient", "step"] = "gradient"
+    # Which iterate is returned: the lowest-loss one of the whole run (the paper), the
+    # lowest-loss one after the last restoration event, or the final one.
+    select: Literal["lowest-loss", "lowest-loss-after-restoration", "final"] = "lowest-loss"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.select not in ("lowest-loss", "lowest-loss-after-restoration", "final"):
+            raise ValueError(f"select = {self.select!r} is not allowed; choose lowest-loss, "
+                             "lowest-loss-after-restoration or final")
         if self.init_search not in ("nearest", "random-public", "off"):
             raise ValueError(f"init_search = {self.init_search!r} is not allowed; choose nearest, random-public or off")
         if self.feature_distance not in ("l2", "cosine"):
@@ -158,6 +164,7 @@ class DFLeak(InvertG):
         self._restorer = None
         self._restorer_key: tuple | None = None
         self._ctx: InversionContext | None = None
+        self.last_candidates: dict[str, torch.Tensor] = {}
 
     # -- set-up: the public set and the init search, once per case --------------------------
     def public_set(self, case: AttackCase) -> torch.Tensor:
@@ -199,7 +206,8 @@ class DFLeak(InvertG):
         cfg = self.config
         st = ctx.state
         # Per-restart state of the residual optimisation.
-        st.update(mask=None, trigger=None, events=[], next_event=0, share=0.0, x_before=None)
+        st.update(mask=None, trigger=None, events=[], next_event=0, share=0.0, x_before=None,
+                  prev=None, post_best=None, post_best_loss=math.inf, restored=False)
         if cfg.init_search == "off":
             return super().initial_images(ctx)
         public = st["public"]
@@ -262,6 +270,10 @@ class DFLeak(InvertG):
     def on_iteration(self, ctx: InversionContext, it: int, x: torch.Tensor, loss: float) -> torch.Tensor | None:
         cfg = self.config
         st = ctx.state
+        # `loss` belongs to the image this iteration started from (the last one we returned):
+        # track the lowest-loss image since the last restoration event.
+        if st["restored"] and st["prev"] is not None and loss < st["post_best_loss"]:
+            st["post_best_loss"], st["post_best"] = loss, st["prev"]
         current = x
         if cfg.pixel_schedule and cfg.pixel_schedule_mode == "step" and st["x_before"] is not None \
                 and st["mask"] is not None and cfg.alpha_p != 1.0:
@@ -279,6 +291,9 @@ class DFLeak(InvertG):
                 share = max(e.share for e in due)
                 if share > 0:
                     current = self.apply_event(ctx, current, share, first + len(due) - 1)
+                    st["restored"] = True
+                    st["post_best"], st["post_best_loss"] = None, math.inf
+        st["prev"] = current.detach().clone()
         if current is x or torch.equal(current, x):
             return None
         return current
@@ -295,11 +310,30 @@ class DFLeak(InvertG):
         return torch.where(st["mask"], cfg.alpha_p, 1.0).to(x.dtype)
 
     # -- the run -----------------------------------------------------------------------------
+    def candidates(self, ctx: InversionContext) -> dict[str, torch.Tensor]:
+        """The images each `select` policy would return for the last restart (for studies)."""
+        st = ctx.state
+        out = {}
+        if st.get("prev") is not None:
+            out["final"] = ctx.victim.to_rgb(st["prev"].clamp(0, 1)).cpu()
+        if st.get("post_best") is not None:
+            out["lowest-loss-after-restoration"] = ctx.victim.to_rgb(st["post_best"].clamp(0, 1)).cpu()
+        return out
+
     def run(self, case: AttackCase, progress: Progress | None = None, stop: StopFlag | None = None,
             device: str | torch.device = "cpu") -> AttackResult:
+        cfg = self.config
+        if cfg.select != "lowest-loss" and cfg.restarts > 1:
+            raise ValueError(f"select = {cfg.select!r} works with restarts = 1")
         result = super().run(case, progress, stop, device)
         if self._ctx is not None:
             st = self._ctx.state
+            self.last_candidates = {"lowest-loss": result.images, **self.candidates(self._ctx)}
+            chosen = self.last_candidates.get(cfg.select)
+            if chosen is not None and cfg.select != "lowest-loss":
+                result.images = chosen.contiguous()
+                if cfg.select == "lowest-loss-after-restoration":
+                    result.extras["selected_loss"] = float(st["post_best_loss"])
             trigger = st.get("trigger")
             result.extras.update({
                 "trigger_iteration": float(trigger) if trigger is not None else -1.0,

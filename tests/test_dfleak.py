@@ -280,3 +280,17 @@ def test_presets_switch_one_module_each():
 def test_bad_settings_are_one_line_errors(bad, needle):
     with pytest.raises(ValueError, match=needle):
         build_attack("dfleak", **bad)
+
+
+@pytest.mark.parametrize("select", ["final", "lowest-loss-after-restoration"])
+def test_select_returns_an_iterate_after_the_restorations(select):
+    # alpha_p = 0 in step mode freezes replaced pixels: after the 100 % event the image is the
+    # restorer's constant for good, so both policies must return it.
+    image = _faces(1, 32, seed=101)
+    case = make_case("lenet", 10, image, torch.tensor([3]), seed=4)
+    attack = DFLeak(DFLeakConfig(public_images=_faces(6, 32, seed=102), iterations=30, epsilon=10.0,
+                                 restorer="test-constant", alpha_p=0.0, pixel_schedule_mode="step",
+                                 select=select))
+    result = attack.run(case)
+    assert torch.allclose(result.images, torch.full_like(result.images, 0.25), atol=1e-6)
+    assert "lowest-loss" in attack.last_candidates

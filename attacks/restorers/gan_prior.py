@@ -26,7 +26,7 @@ class GanPriorConfig:
     candidates: int = 64  # random latents scored to pick the restarts' starts
     lr: float = 0.05
     pixel: float = 1.0  # weight of the MSE in [0, 1] pixel units
-    perceptual: float = 0.1  # weight of LPIPS (AlexNet)
+    perceptual: float = 0.01  # weight of LPIPS (AlexNet); larger fits the noise texture of raw reconstructions
     latent: float = 1e-3  # weight of mean(z^2): keeps z where the generator was trained
     keep_detail: bool = True  # above 64 px add the input's high frequencies back
 
