@@ -1,7 +1,7 @@
 """Local training of one client: the FedSGD gradient or FedAvg local SGD, then defenses.
 
 Computed exactly as the attacker models it (attacks/engine.py `VictimModel`): BatchNorm in
-train mode (batch statistics), mean cross-entropy, the update keyed by parameter name in
+the configured mode (train: batch statistics; eval: frozen running statistics), mean cross-entropy, the update keyed by parameter name in
 `named_parameters()` order; FedAvg step s uses images (s * b + j) mod n, plain SGD.
 """
 from __future__ import annotations
@@ -49,9 +49,20 @@ def _model(name: str, num_classes: int) -> nn.Module:
     return build_model(name, num_classes)
 
 
-def fedsgd_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor) -> tuple[dict[str, torch.Tensor], float]:
-    """One gradient of the mean cross-entropy at the current weights, BatchNorm in train mode."""
+def train_mode(model: nn.Module, bn_mode: str = "train") -> nn.Module:
+    """model.train(), with BatchNorm frozen on its running statistics when bn_mode is "eval"."""
     model.train()
+    if bn_mode == "eval":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return model
+
+
+def fedsgd_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                    bn_mode: str = "train") -> tuple[dict[str, torch.Tensor], float]:
+    """One gradient of the mean cross-entropy at the current weights."""
+    train_mode(model, bn_mode)
     named = list(model.named_parameters())
     loss = F.cross_entropy(model(inputs), labels)
     grads = torch.autograd.grad(loss, [p for _, p in named])
@@ -59,9 +70,9 @@ def fedsgd_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor
 
 
 def fedavg_train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, lr: float, steps: int,
-                 batch_size: int) -> float:
+                 batch_size: int, bn_mode: str = "train") -> float:
     """`steps` plain SGD steps; step s on images (s * b + j) mod n. Returns the mean loss."""
-    model.train()
+    train_mode(model, bn_mode)
     n = len(inputs)
     b = batch_size if 0 < batch_size < n else n
     opt = torch.optim.SGD(model.parameters(), lr=lr)
@@ -94,13 +105,13 @@ def local_update(config: ExperimentConfig, partition_id: int, server_round: int,
         model = _model(config.model.name, data.num_classes)
         model.load_state_dict(global_state)
         if fed.algorithm == "fedsgd":
-            grads, loss = fedsgd_gradient(model, inputs, labels)
+            grads, loss = fedsgd_gradient(model, inputs, labels, fed.bn_mode)
             grads = apply_on_update(defenses, grads, ctx)
             buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
             return ClientUpdate({**grads, **buffers}, len(images), loss, 1, labels.tolist())
 
         steps = fedavg_steps(config, len(images))
-        loss = fedavg_train(model, inputs, labels, fed.local_lr, steps, fed.batch_size)
+        loss = fedavg_train(model, inputs, labels, fed.local_lr, steps, fed.batch_size, fed.bn_mode)
         state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         if defenses:
             params = [n for n, _ in model.named_parameters()]

@@ -76,6 +76,9 @@ class FederationConfig(Section):
     partitioning: Literal["iid", "by-identity", "dirichlet"] = "by-identity"
     dirichlet_alpha: float = Field(0.5, gt=0)
     eval_every: int = Field(1, ge=1)
+    # How clients run BatchNorm while training: "train" (batch statistics, the usual) or
+    # "eval" (frozen running statistics, e.g. for batch-1 clients). Attack cases record it.
+    bn_mode: Literal["train", "eval"] = "train"
 
     @model_validator(mode="after")
     def _sample_fits(self) -> "FederationConfig":

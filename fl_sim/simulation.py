@@ -78,11 +78,12 @@ def validate(config: ExperimentConfig) -> None:
     build_defenses(config.defenses)
     for attack in config.attacks:
         build(attack)
-    if config.federation.algorithm == "fedsgd" and config.federation.batch_size == 1 and \
+    fed = config.federation
+    if fed.algorithm == "fedsgd" and fed.batch_size == 1 and fed.bn_mode == "train" and \
             config.model.name in ("resnet18", "mobilenet_v2") and config.data.image_size < 64:
         raise ValueError(f"{config.model.name} at {config.data.image_size} px and batch size 1 ends in 1x1 "
-                         "feature maps, where BatchNorm in train mode fails: use data.image_size >= 64 "
-                         "or federation.batch_size >= 2")
+                         "feature maps, where BatchNorm in train mode fails: use data.image_size >= 64, "
+                         "federation.batch_size >= 2 or federation.bn_mode: eval")
     late = [r for r in config.threat.rounds if r > config.federation.rounds]
     if late:
         log.warning("threat.rounds %s are after the last round (%d): not attacked", late, config.federation.rounds)

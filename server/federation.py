@@ -318,7 +318,7 @@ class Federation:
             local_lr=fed.local_lr, local_steps=int(metrics["local-steps"]),
             local_batch_size=fed.batch_size if fed.algorithm == "fedavg" else 0,
             mean=ds.mean, std=ds.std, labels=labels, grey=ds.grey,
-            meta={"round": rnd, "client": pid, "dataset": ds.name}, bn_mode="train",
+            meta={"round": rnd, "client": pid, "dataset": ds.name}, bn_mode=fed.bn_mode,
         )
 
     # -- display hooks --------------------------------------------------------------------

@@ -221,6 +221,34 @@ def test_victim_case_holds_the_victims_update(tmp_path, lenet_init, algorithm):
         assert len(frame) == 1 and frame.psnr.notna().all() and frame.truth_image.iloc[0]
 
 
+@pytest.mark.parametrize("bn_mode", ["train", "eval"])
+def test_batchnorm_client_and_attacker_agree(tmp_path, bn_mode):
+    """ResNet18 at 64 px, FedSGD at batch size 1: the update the client sends is the one the
+    attacker's model of the client computes, with BatchNorm on batch statistics (train) or
+    frozen (eval); frozen BatchNorm leaves the global running statistics unchanged."""
+    from attacks.case import AttackCase
+    from attacks.engine import VictimModel
+
+    tree = {"name": "bn", "data": {"name": "orl", "image_size": 64}, "model": {"name": "resnet18"},
+            "federation": {"num_clients": 100, "clients_per_round": 2, "rounds": 1, "algorithm": "fedsgd",
+                           "batch_size": 1, "bn_mode": bn_mode},
+            "threat": {"victims": {"mode": "sampled", "k": 1}, "rounds": [1], "save_cases": True},
+            "engine": {"backend": "inprocess"}, "metrics": {"lpips": False, "id_backend": None}}
+    run = run_tree(tree, tmp_path / bn_mode)
+    [path] = [p for p in (run.path / "cases").glob("r1_c*.pt") if not p.name.endswith("_truth.pt")]
+    case = AttackCase.load(path)
+    truth = torch.load(path.with_name(path.stem + "_truth.pt"), weights_only=True)
+    assert case.bn_mode == bn_mode and case.grey
+    simulated = VictimModel(case).simulate(truth["images"], truth["labels"], create_graph=False)
+    for name, s in zip(case.parameter_names(), simulated):
+        torch.testing.assert_close(case.update[name], s.detach(), rtol=1e-4, atol=1e-6)
+    from server.federation import STATE_WEIGHTS, state_from_bytes
+
+    after = state_from_bytes(run.get_state(STATE_WEIGHTS))
+    moved = not torch.allclose(after["bn1.running_mean"], case.weights["bn1.running_mean"])
+    assert moved == (bn_mode == "train")
+
+
 def test_same_seed_same_clients_and_metrics(tmp_path, lenet_init):
     register_count_attack()
     tree = easy_config(lenet_init, federation={"rounds": 3, "algorithm": "fedsgd", "batch_size": 1,
