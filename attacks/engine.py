@@ -523,9 +523,9 @@ class GradientInversion(Attack):
         if fast and cfg.fast and case.update_kind == "gradient" and cfg.bn_stats == 0 and supports(victim.model) is None:
             from attacks.factored import FactoredMatcher
 
-            ctx.state["factored"] = FactoredMatcher(victim.model, case.bn_mode == "train", victim.names,
-                                                    [t.unsqueeze(0) for t in matcher.targets], matcher.weights,
-                                                    cfg.objective, cfg.objective_scale)
+            ctx.state["factored"] = ctx.state["factored_matcher"] = FactoredMatcher(
+                victim.model, case.bn_mode == "train", victim.names, [t.unsqueeze(0) for t in matcher.targets],
+                matcher.weights, cfg.objective, cfg.objective_scale)
             ctx.state["exact_below"] = exact_threshold(matcher)
         return ctx
 
@@ -566,6 +566,8 @@ class GradientInversion(Attack):
         for r in range(cfg.restarts):
             ctx.restart = r
             ctx.generator = torch.Generator().manual_seed(cfg.seed * 1000 + r)
+            if ctx.state.get("factored_matcher") is not None:  # a new start is far from the optimum
+                ctx.state["factored"] = ctx.state["factored_matcher"]
             x_r, loss_r, history, n_it, interrupted = self._optimise(ctx, progress, stop, done)
             done += n_it
             if loss_r < best_loss or best_x is None:
