@@ -39,6 +39,7 @@ class _Record:
     name: str
     inp: torch.Tensor  # conv/linear: the layer input; bn: the normalised input x_hat
     out: torch.Tensor
+    cols: torch.Tensor | None = None  # conv: the unfolded input when the forward made it
 
 
 class _Store:
@@ -53,7 +54,22 @@ class _FConv2d(nn.Module):
         self.conv, self.name, self.store = conv, name, store
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv(x)
+        c = self.conv
+        if c.groups > 1 and c.groups == c.in_channels == c.out_channels:
+            # Depthwise as unfold + broadcast multiply-sum: the double backward of a grouped
+            # convolution loops over its groups (thousands of tiny convolutions per iteration
+            # in MobileNetV2); fold/unfold and elementwise ops do not.
+            b, ch, h, w = x.shape
+            kh, kw = c.kernel_size
+            ho = (h + 2 * c.padding[0] - c.dilation[0] * (kh - 1) - 1) // c.stride[0] + 1
+            wo = (w + 2 * c.padding[1] - c.dilation[1] * (kw - 1) - 1) // c.stride[1] + 1
+            cols = F.unfold(x, c.kernel_size, c.dilation, c.padding, c.stride).view(b, ch, kh * kw, ho * wo)
+            out = (cols * c.weight.view(1, ch, kh * kw, 1)).sum(2).view(b, ch, ho, wo)
+            if c.bias is not None:
+                out = out + c.bias.view(1, ch, 1, 1)
+            self.store.records.append(_Record("conv", self.name, x, out, cols))
+            return out.clone()
+        out = c(x)
         self.store.records.append(_Record("conv", self.name, x, out))
         return out.clone()  # the model may modify its output in place (ReLU(inplace), +=)
 
@@ -201,7 +217,9 @@ class FactoredMatcher:
         cout, g = conv.out_channels, conv.groups
         p = gout.shape[2] * gout.shape[3]
         a = gout.reshape(v, n, cout, p)
-        if conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0):
+        if rec.cols is not None:
+            cols = rec.cols.reshape(v, n, -1, p)
+        elif conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.padding == (0, 0):
             cols = rec.inp.reshape(v, n, conv.in_channels, p)
         else:
             cols = F.unfold(rec.inp, conv.kernel_size, conv.dilation, conv.padding, conv.stride).reshape(v, n, -1, p)
