@@ -242,6 +242,11 @@ def finish_run(job, seconds: float | None = None) -> None:
     run, console = job.run, job.console
     run.export_csv()
     print_summary(run, console, seconds)
+    failures = getattr(job, "attack_failures", [])
+    if failures:
+        console.print(f"[yellow]warning:[/] {len(failures)} attack(s) failed and were not recorded:")
+        for rnd, client, attack, error in failures:
+            console.print(f"  round {rnd} client {client} {attack}: {error}", highlight=False)
     try:
         from fl_sim.report import write_report
     except ImportError:

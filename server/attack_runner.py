@@ -14,7 +14,6 @@ import logging
 import math
 import re
 import threading
-import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -72,16 +71,23 @@ def build(attack: AttackConfig, public: torch.Tensor | None = None):
     return build_attack(attack.name, **params)
 
 
-def _run_one(attack: AttackConfig, case, device: str, public: torch.Tensor | None, progress=None, stop=None):
-    from attacks.base import CallbackProgress
-
-    obj = build(attack, public)
-    return obj.run(case, progress=CallbackProgress(progress) if progress else None, stop=stop, device=device)
-
-
 def _ray_attack(attack: AttackConfig, case, device: str, public: torch.Tensor | None):
+    """A Ray task: one attack on one case (one thread: tasks share the node's cores)."""
     torch.set_num_threads(1)
-    return _run_one(attack, case, device, public)
+    return build(attack, public).run(case, device=device)
+
+
+_REMOTE: dict[str, Any] = {}
+
+
+def _remote_attack():
+    if "fn" not in _REMOTE:
+        import ray
+
+        # num_cpus=0: Flower's client actors hold every CPU of the cluster; the attacks run
+        # while the clients are idle (during aggregation). SPREAD puts them on many nodes.
+        _REMOTE["fn"] = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(_ray_attack)
+    return _REMOTE["fn"]
 
 
 class AttackRunner:
@@ -100,6 +106,7 @@ class AttackRunner:
         self._inflight: list[tuple[Any, AttackTask]] = []
         self._truth_saved: dict[tuple[int, int], str] = {}
         self.invocations = 0  # attacks actually started by this runner
+        self.failures: list[tuple[int, int, str, str]] = []  # (round, client, attack, error)
 
     # -- what is left to do ---------------------------------------------------------------
     def pending(self, round: int, client: int) -> list[AttackConfig]:
@@ -131,48 +138,77 @@ class AttackRunner:
         return records
 
     def _run_local(self, task: AttackTask) -> AttackRecord | None:
+        from attacks.base import CallbackProgress
+
         self.invocations += 1
-        if self.events.on_start:
-            self.events.on_start(task, int(task.attack.params.get("iterations", 0) or 0))
-        progress = None
-        if self.events.on_iteration:
-            on_it = self.events.on_iteration
-            progress = lambda it, total, loss: on_it(task, it, total, loss)  # noqa: E731
-        result = _run_one(task.attack, task.case, self.device, self.public, progress, self.stop)
+        try:
+            attack = build(task.attack, self.public)
+            if self.events.on_start:
+                self.events.on_start(task, int(getattr(attack.config, "iterations", 0) or 0))
+            progress = None
+            if self.events.on_iteration:
+                on_it = self.events.on_iteration
+                progress = CallbackProgress(lambda it, total, loss: on_it(task, it, total, loss))
+            result = attack.run(task.case, progress=progress, stop=self.stop, device=self.device)
+        except Exception as exc:  # noqa: BLE001 - one failing attack must not end the federation
+            self._failed(task, exc)
+            return None
         if self.stop is not None and self.stop.is_set() and (result.extras or {}).get("interrupted"):
             return None  # stopped mid-way: not finished, so not recorded (a resume redoes it)
         return self._record(task, result)
 
+    def _failed(self, task: AttackTask, exc: BaseException) -> None:
+        text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+        self.failures.append((task.round, task.client, task.attack.key, text))
+        log.error("attack %s on round %d client %d failed (not recorded): %s",
+                  task.attack.key, task.round, task.client, text)
+
     def _submit_ray(self, task: AttackTask) -> None:
         import ray
 
-        while len(self._inflight) >= self.parallelism:
-            self._collect(block=True)
-        remote = ray.remote(num_cpus=0, scheduling_strategy="SPREAD")(_ray_attack)
+        while len(self._inflight) >= self.parallelism and not self._stopping():
+            self._collect()
         self.invocations += 1
         if self.events.on_start:
             self.events.on_start(task, 0)
-        self._inflight.append((remote.remote(task.attack, task.case, self.device, self.public), task))
+        ref = _remote_attack().remote(task.attack, task.case, self.device, self.public)
+        self._inflight.append((ref, task))
 
-    def _collect(self, block: bool) -> list[AttackRecord]:
+    def _stopping(self) -> bool:
+        if self.stop is None or not self.stop.is_set():
+            return False
+        import ray
+
+        for ref, _ in self._inflight:  # unfinished work is dropped; a resume redoes it
+            ray.cancel(ref, force=True)
+        self._inflight.clear()
+        return True
+
+    def _collect(self) -> list[AttackRecord]:
+        """Record the Ray attacks that finish within a short wait."""
         import ray
 
         if not self._inflight:
             return []
         refs = [r for r, _ in self._inflight]
-        ready, _ = ray.wait(refs, num_returns=1 if block else len(refs), timeout=None if block else 0)
+        ready, _ = ray.wait(refs, num_returns=1, timeout=0.5)
         out = []
         for ref in ready:
             i = next(i for i, (r, _) in enumerate(self._inflight) if r == ref)
             _, task = self._inflight.pop(i)
-            out.append(self._record(task, ray.get(ref)))
+            try:
+                result = ray.get(ref)
+            except Exception as exc:  # noqa: BLE001 - a failed task is logged, not fatal
+                self._failed(task, exc)
+                continue
+            out.append(self._record(task, result))
         return out
 
     def wait(self) -> list[AttackRecord]:
         """Collect every scheduled Ray attack (no-op in-process)."""
         out: list[AttackRecord] = []
-        while self._inflight:
-            out.extend(self._collect(block=True))
+        while self._inflight and not self._stopping():
+            out.extend(self._collect())
         return out
 
     # -- results --------------------------------------------------------------------------

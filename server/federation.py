@@ -51,6 +51,7 @@ class Job:
     console: Console = field(default_factory=Console)
     stop: threading.Event = field(default_factory=threading.Event)
     reply_timeout: float = 3600.0
+    attack_failures: list[tuple[int, int, str, str]] = field(default_factory=list)  # filled by serve
 
 
 class Display:
@@ -231,6 +232,7 @@ class Federation:
                 self.run.set_state(STATE_ROUND, str(rnd).encode())
                 display.round_done(rec, total, len(strategy.failed), self.round_attacks)
             self.display = None
+        self.job.attack_failures.extend(self.runner.failures)
 
     def exchange(self, grid: Grid, messages) -> list[Message]:
         """`grid.send_and_receive`, but it gives up when the job is stopped (a Flower grid

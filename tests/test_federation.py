@@ -65,6 +65,21 @@ def register_count_attack() -> None:
             return AttackResult(images, labels, [norm], 1, time.perf_counter() - t0, {})
 
 
+def register_failing_attack() -> None:
+    from attacks.base import Attack
+    from attacks.registry import ATTACKS, register_attack
+
+    if "fedtest-fail" in ATTACKS:
+        return
+
+    @register_attack("fedtest-fail")
+    class FailingAttack(Attack):
+        Config = CountConfig
+
+        def run(self, case, progress=None, stop=None, device="cpu"):
+            raise RuntimeError("this attack always fails")
+
+
 def _child(argv: list[str]) -> None:
     """Entry of the resume test's child processes: `fl-sim` with the test attack."""
     register_count_attack()
@@ -342,3 +357,14 @@ def test_kill_and_resume(tmp_path, lenet_init):
     r_clean = pd.read_csv(clean_out / "rounds.csv")[DETERMINISTIC_ROUND_COLUMNS]
     pd.testing.assert_frame_equal(r_res, r_clean)
     assert len(r_res) == 4 and len(m_res) == 6
+
+
+def test_failing_attack_does_not_end_the_federation(tmp_path, lenet_init):
+    register_count_attack()
+    register_failing_attack()
+    tree = easy_config(lenet_init, federation={"rounds": 2},
+                       attacks=[{"name": "fedtest-fail"}, {"name": COUNT_ATTACK}])
+    run = run_tree(tree, tmp_path / "fail")
+    assert len(run.rounds_frame()) == 2
+    frame = run.metrics_frame()
+    assert set(frame.attack) == {COUNT_ATTACK} and len(frame) == 2
