@@ -136,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(_measure(**job)))
         return 0
 
+    load = os.getloadavg()[0]
+    if load > 1.0:
+        print(f"note: load average {load:.1f} before starting; other work shares the CPU. With more busy "
+              f"threads than cores, {args.threads}-thread OpenMP runs can slow down many times; "
+              f"--threads 1 gives steadier figures.", file=sys.stderr)
     jobs = []
     for model in args.models:
         for size in args.sizes:
