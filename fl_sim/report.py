@@ -32,6 +32,15 @@ def _file_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode() if path.exists() else ""
 
 
+def _round_ticks(ax, rounds: pd.Series) -> None:
+    """Whole rounds on the x axis: each round when few, integer ticks otherwise."""
+    uniq = sorted(rounds.unique())
+    if len(uniq) <= 12:
+        ax.set_xticks(uniq)
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
 def accuracy_figure(rounds: pd.DataFrame) -> str | None:
     rounds = rounds.dropna(subset=["test_accuracy"])
     if rounds.empty:
@@ -39,7 +48,7 @@ def accuracy_figure(rounds: pd.DataFrame) -> str | None:
     fig, ax = plt.subplots(figsize=(5, 3))
     ax.plot(rounds["round"], rounds["test_accuracy"] * 100, marker="o")
     ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _round_ticks(ax, rounds["round"])
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     return _figure_uri(fig)
@@ -53,7 +62,7 @@ def leakage_figure(metrics: pd.DataFrame, metric: str = "psnr") -> str | None:
         per_round = grp.groupby("round")[metric].mean()
         ax.plot(per_round.index, per_round.values, marker="o", label=attack)
     ax.set_xlabel("round")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _round_ticks(ax, metrics["round"])
     ax.set_ylabel(f"mean {metric}")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
