@@ -11,16 +11,18 @@ computed as the client computes it (cross-entropy, named_parameters order) and a
 `AttackCase` with exactly the fields the server's strategy fills. Every (victim, attack)
 result is saved as it finishes, so a stopped run continues with --resume.
 
-BatchNorm: `--bn eval` (default) computes the client's gradient with frozen BatchNorm
+BatchNorm: `--bn` defaults to the config's `federation.bn_mode`; `eval` computes the client's gradient with frozen BatchNorm
 (running statistics), as inversefed and DFLeak's released code (model.eval()) do; `--bn
 train` uses batch statistics, what a client training normally does. At batch size 1 and
 64 px ResNet18's last BatchNorm layers normalise over 2 x 2 maps and the gradient becomes
 chaotic in the input (a 0.1 % perturbation of the true image already gives a cosine loss
 of 0.4), so no optimisation attack gets anywhere in that setting.
 
-Writes into --out: table.csv (mean and std per method), victims.csv (one row per victim
-and method), table.md (with the paper's numbers beside ours), grid.png (victims x
-methods), and results/*.pt.
+--out is a run directory like `fl-sim run`'s (config.yaml with the BatchNorm mode used,
+metrics.csv, images/, report.html), plus table.csv (mean and std per method, the Table II /
+Table V layout), victims.csv (one row per victim and method), table.md (with the paper's
+numbers beside ours), grid.png (victims x methods, also in the report) and results/*.pt
+(each finished attack, what --resume skips).
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ def run_one(attack_cfg, case, public, iterations: int | None, threads: int):
             last[0] = now
             print(f"    {it}/{total} loss {loss:.4f}", flush=True)
 
-    return attack.run(case, progress=progress)
+    return attack, attack.run(case, progress=progress)
 
 
 def grid(path: Path, rows: list[torch.Tensor], row_names: list[str], col_names: list[str]) -> None:
@@ -155,7 +157,9 @@ def markdown(agg, meta: dict) -> str:
     lines = [f"ORL {meta['size']} px, {meta['model']}, FedSGD batch {meta['batch']}, BatchNorm {meta['bn']}, "
              f"{meta['victims']} victims, {meta['iterations']} iterations per attack "
              f"(the paper: 5000); mean ± std over victims. SSIM: standard Gaussian-window SSIM "
-             f"(the paper's code reports complex-wavelet SSIM).", "",
+             f"(the paper's code reports complex-wavelet SSIM). Rows marked [paper select] are the same "
+             f"runs with the paper's rule (the lowest-loss iterate of the whole run) instead of the "
+             f"config's `select`.", "",
              "| method | PSNR | MSE | LPIPS | SSIM | s / victim |", "|---|---|---|---|---|---|"]
     for _, r in agg.iterrows():
         lines.append(f"| {r['attack']} | {r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} | {r['mse_mean']:.4f} | "
@@ -178,64 +182,165 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, help="override every attack's iterations")
     p.add_argument("--victims", type=int, help="only the first N victims")
     p.add_argument("--attacks", help="comma-separated attack labels to run (default: all in the config)")
-    p.add_argument("--bn", choices=["eval", "train"], default="eval",
-                   help="the client's BatchNorm mode (default eval: frozen, as inversefed's and DFLeak's code)")
+    p.add_argument("--bn", choices=["eval", "train"],
+                   help="the client's BatchNorm mode (default: the config's federation.bn_mode)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--shard", help="i/n: only victims i, i+n, ... (run n processes on one --out, then --resume "
+                                   "without --shard to tabulate)")
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from fl_sim.config import load_config
-    from fl_sim.metrics import image_metrics
+def report_sections(agg, meta: dict, grid_png: Path) -> list[tuple[str, str]]:
+    """The Table II / Table V comparison and the picture grid, for report.html."""
+    import pandas as pd
 
-    args = build_parser().parse_args(argv)
-    if args.resume:
+    from fl_sim.report import _file_uri
+
+    ours = pd.DataFrame({
+        "method": agg["attack"],
+        "PSNR ↑": [f"{m:.2f} ± {s:.2f}" for m, s in zip(agg["psnr_mean"], agg["psnr_std"])],
+        "MSE ↓": agg["mse_mean"].map("{:.4f}".format),
+        "LPIPS ↓": agg["lpips_mean"].map("{:.4f}".format),
+        "SSIM ↑": agg["ssim_mean"].map("{:.4f}".format),
+        "s / victim": agg["seconds_mean"].map("{:.0f}".format),
+    })
+    paper = pd.DataFrame([{"data": d, "size": z, "method": m, "PSNR": v[0], "MSE": v[1], "LPIPS": v[2],
+                           "SSIM (CW-SSIM)": v[3]} for (d, z, m), v in PAPER_TABLE_II.items()])
+    ablation = ", ".join(f"{k} {v:.2f}" for k, v in PAPER_TABLE_V.items())
+    table_html = (
+        f"<p class='sub'>ORL {meta['size']} px, {meta['model']}, FedSGD batch {meta['batch']}, BatchNorm "
+        f"{meta['bn']}, {meta['victims']} victims, {meta['iterations']} iterations per attack (the paper: "
+        f"5000); mean ± std over victims. Rows marked [paper select] are the same runs with the paper's "
+        f"rule (lowest loss of the whole run) instead of the config's <code>select</code>.</p>"
+        + ours.to_html(index=False, border=0)
+        + "<p class='sub'>The paper, Table II (ResNet18 gender classifier, batch 1, 5000 iterations, GPU):</p>"
+        + paper.to_html(index=False, border=0, float_format="{:.4f}".format)
+        + f"<p class='sub'>The paper, Table V (CelebA-HQ 112 px, PSNR): {ablation}.</p>"
+    )
+    grid_html = (f"<figure><img src='{_file_uri(grid_png)}' alt='victims x methods' style='max-width:100%'>"
+                 "<figcaption>Each victim's ground truth and every method's reconstruction</figcaption></figure>")
+    return [("DFLeak, its ablations and InvertG (Table II / Table V)", table_html),
+            ("Reconstructions, victims x methods", grid_html)]
+
+
+def _attack_record(rnd: int, pid: int, key: str, saved: dict, truth_image: str, image: str):
+    from fl_sim.results import AttackRecord
+
+    m = saved["metrics"]
+    return AttackRecord(round=rnd, client=pid, attack=key, psnr=m["psnr"], mse=m["mse"], ssim=m["ssim"],
+                        lpips=m["lpips"], id_similarity=m.get("id_similarity", float("nan")),
+                        label_accuracy=1.0 if saved["label_ok"] else 0.0, iterations=int(saved["iterations"]),
+                        seconds=float(saved["seconds"]), num_images=int(len(saved["images"])),
+                        final_loss=float(saved["extras"].get("best_loss", float("nan"))),
+                        image=image, truth_image=truth_image)
+
+
+def _open_run(args, argv: list[str] | None):
+    """(parsed args, run directory); a fresh --out is created, --resume reopens one."""
+    from fl_sim.config import load_config
+    from fl_sim.results import RunDirectory, RunExists
+
+    resuming = bool(args.resume)
+    if resuming:
         out = Path(args.resume)
+        if not (out / "bench.json").exists():
+            raise SystemExit(f"{out} holds no DFLeak benchmark (no bench.json)")
         saved = json.loads((out / "bench.json").read_text())
+        shard = args.shard
         args = build_parser().parse_args(saved["argv"])
-        args.out = str(out)
-    else:
-        out = Path(args.out or f"runs/dfleak-table-{datetime.now():%Y%m%d-%H%M%S}")
-        if (out / "bench.json").exists():
-            print(f"{out} already holds a benchmark; continue it with --resume {out}", file=sys.stderr)
-            return 2
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(json.dumps({"argv": list(argv if argv is not None else sys.argv[1:])}))
-    (out / "results").mkdir(exist_ok=True)
+        args.out, args.shard = str(out), shard
     config = load_config(args.config, args.overrides)
+    args.bn = args.bn or config.federation.bn_mode
+    # config.yaml records the BatchNorm mode the gradients were computed with.
+    config = config.model_copy(update={"federation": config.federation.model_copy(update={"bn_mode": args.bn})})
+    if resuming:
+        # A benchmark directory from before it was a run directory gets its config.yaml now.
+        opener = RunDirectory.open if (Path(args.out) / "config.yaml").exists() else RunDirectory.create
+        return args, config, opener(args.out, config) if opener is RunDirectory.create else opener(args.out)
+    out = Path(args.out or f"runs/dfleak-table-{datetime.now():%Y%m%d-%H%M%S}")
+    try:
+        run = RunDirectory.create(out, config)
+    except RunExists:
+        raise SystemExit(f"{out} already holds a run; continue it with --resume {out}") from None
+    argv_list = list(argv if argv is not None else sys.argv[1:])
+    # Keep the shard out of the saved arguments: every shard and the final tabulation share them.
+    saved_argv = [a for i, a in enumerate(argv_list) if a != "--shard" and (i == 0 or argv_list[i - 1] != "--shard")
+                  and not a.startswith("--shard=")]
+    (out / "bench.json").write_text(json.dumps({"argv": saved_argv}))
+    return args, config, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fl_sim.metrics import image_metrics
+    from fl_sim.report import write_report
+
+    args, config, run = _open_run(build_parser().parse_args(argv), argv)
+    out = run.path
+    (out / "results").mkdir(exist_ok=True)
     attacks = [a for a in config.attacks if not args.attacks or a.key in args.attacks.split(",")]
+    if not attacks:
+        raise SystemExit(f"--attacks {args.attacks!r} matches none of {[a.key for a in config.attacks]}")
     data, cases = build_cases(config, args.bn, args.victims)
     public = public_images(config, data)
+    id_backend = config.metrics.id_backend
+    rnd = config.threat.rounds[0]
     print(f"{len(cases)} victims x {len(attacks)} attacks; {cases[0][1].describe()}", flush=True)
     records: list[dict] = []
     rows, names = [], []
-    for pid, case, truth, labels, ident in cases:
+    for number, (pid, case, truth, labels, ident) in enumerate(cases):
+        if args.shard:
+            i, n = (int(v) for v in args.shard.split("/"))
+            if number % n != i:
+                continue
         row = [truth[0]]
+        truth_image = run.save_image(f"r{rnd}_c{pid}_truth", truth)
         for a in attacks:
             path = out / "results" / f"client{pid}_{a.key}.pt"
             if path.exists():
                 saved = torch.load(path, weights_only=False)
             else:
                 print(f"client {pid} (identity {ident[0]}): {a.key}", flush=True)
-                result = run_one(a, case, public, args.iterations, args.threads)
-                m = image_metrics(result.images, truth, names=list(METRICS))
+                attack, result = run_one(a, case, public, args.iterations, args.threads)
+                m = image_metrics(result.images, truth, names=list(METRICS), id_backend=id_backend)
+                # DFLeak: what each `select` policy would have returned from this same run.
+                alt = {policy: {k: float(np.mean(v)) for k, v in image_metrics(img, truth, names=list(METRICS)).items()}
+                       for policy, img in getattr(attack, "last_candidates", {}).items()}
                 saved = {"images": result.images, "metrics": {k: float(np.mean(v)) for k, v in m.items()},
+                         "select": getattr(attack.config, "select", None), "candidates": alt,
                          "seconds": result.seconds, "iterations": result.iterations,
                          "it_per_s": result.extras.get("it_per_s", 0.0), "extras": result.extras,
                          "label_ok": bool(torch.equal(result.labels.sort().values, labels.sort().values))}
                 torch.save(saved, path)
                 print(f"  {a.key}: " + " ".join(f"{k} {v:.4f}" for k, v in saved["metrics"].items())
                       + f"  {saved['seconds']:.0f} s", flush=True)
-            records.append({"client": pid, "identity": ident[0], "attack": a.key, **saved["metrics"],
+            if id_backend and "id_similarity" not in saved["metrics"]:  # saved before it was measured
+                sim = image_metrics(saved["images"], truth, names=[], id_backend=id_backend)["id_similarity"]
+                saved["metrics"]["id_similarity"] = float(np.mean(sim))
+                torch.save(saved, path)
+            image = run.save_image(f"r{rnd}_c{pid}_{a.key}", saved["images"].detach().float().cpu().clamp(0, 1))
+            run.add_attack(_attack_record(rnd, pid, a.key, saved, truth_image, image))
+            metrics = {k: saved["metrics"][k] for k in METRICS}
+            records.append({"client": pid, "identity": ident[0], "attack": a.key, **metrics,
                             "seconds": saved["seconds"], "iterations": saved["iterations"],
                             "it_per_s": saved["it_per_s"], "label_ok": saved["label_ok"],
                             **{f"x_{k}": v for k, v in saved["extras"].items()
                                if k in ("trigger_iteration", "init_index", "init_feature_distance",
                                         "restore_seconds", "best_loss")}})
+            # The paper's selection rule (lowest loss of the whole run) from the same run, when
+            # the config selected otherwise.
+            if saved.get("select") not in (None, "lowest-loss") and "lowest-loss" in saved.get("candidates", {}):
+                records.append({"client": pid, "identity": ident[0], "attack": f"{a.key} [paper select]",
+                                **saved["candidates"]["lowest-loss"], "seconds": saved["seconds"],
+                                "iterations": saved["iterations"], "it_per_s": saved["it_per_s"],
+                                "label_ok": saved["label_ok"]})
             row.append(saved["images"][0])
         rows.append(row)
         names.append(f"client {pid}")
-    frame, agg = summarise(records, [a.key for a in attacks])
+    if args.shard:
+        print(f"shard {args.shard} done; tabulate with --resume {out} once every shard has finished")
+        return 0
+    order = [k for a in attacks for k in (a.key, f"{a.key} [paper select]")]
+    frame, agg = summarise(records, order)
     frame.to_csv(out / "victims.csv", index=False)
     agg.to_csv(out / "table.csv", index=False)
     iterations = args.iterations or attacks[0].params.get("iterations", 5000)
@@ -243,8 +348,9 @@ def main(argv: list[str] | None = None) -> int:
             "bn": args.bn, "victims": len(cases), "iterations": iterations}
     (out / "table.md").write_text(markdown(agg, meta))
     grid(out / "grid.png", rows, names, ["ground truth"] + [a.key for a in attacks])
+    report = write_report(run, report_sections(agg, meta, out / "grid.png"))
     print(markdown(agg, meta))
-    print(f"written: {out}/table.csv, victims.csv, table.md, grid.png")
+    print(f"written: {out}/table.csv, victims.csv, table.md, grid.png; report: {report}")
     return 0
 
 
