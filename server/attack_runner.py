@@ -3,13 +3,15 @@
 
 Attacks come from the registry (`attacks.registry.build_attack`) and see only the case; the
 ground truth stays here, for the metrics. A (round, client, attack) already in the store is
-skipped, so a resumed run never redoes a finished attack. Attacks run in this process one
-after the other, or as Ray tasks when Ray is connected and `parallelism` > 1 (at most
+skipped, so a resumed run never redoes a finished attack. Attacks run in this process (a
+round's victims together, as one batch, for the gradient-matching presets that allow it:
+`attacks/multi.py`), or as Ray tasks when Ray is connected and `parallelism` > 1 (at most
 `parallelism` at once; the tasks ask Ray for no CPU because Flower's client actors hold
 them all; they run while the clients are idle, during aggregation).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -38,6 +40,18 @@ class AttackTask:
     case: Any  # attacks.case.AttackCase
     truth_images: torch.Tensor | None  # for the metrics only; None when unknown (offline)
     truth_labels: torch.Tensor | None
+    together: tuple[int, ...] = ()  # the clients attacked in one batch with this one (for display)
+
+
+@dataclass
+class Victim:
+    """One victim's case in one round, with its ground truth for the metrics."""
+
+    round: int
+    client: int
+    case: Any  # attacks.case.AttackCase
+    truth_images: torch.Tensor | None
+    truth_labels: torch.Tensor | None
 
 
 @dataclass
@@ -57,6 +71,16 @@ def _mean(values: np.ndarray | None) -> float:
     if values is None or len(values) == 0:
         return float("nan")
     return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
+
+
+def batchable(attack) -> bool:
+    """Whether `attacks.multi` can run this attack object on several victims at once: the
+    engine's own loop (not a subclass with a loop of its own, such as DFLeak) and no
+    BatchNorm-statistics prior."""
+    from attacks.engine import GradientInversion
+
+    return (isinstance(attack, GradientInversion) and type(attack).run is GradientInversion.run
+            and getattr(attack.config, "bn_stats", 0) == 0)
 
 
 def build(attack: AttackConfig, public: torch.Tensor | None = None):
@@ -93,13 +117,16 @@ def _remote_attack():
 class AttackRunner:
     def __init__(self, run: RunDirectory, attack_configs: list[AttackConfig], metrics_cfg: MetricsConfig,
                  device: str = "cpu", parallelism: int = 1, public: torch.Tensor | None = None,
-                 events: RunnerEvents | None = None, stop: threading.Event | None = None) -> None:
+                 events: RunnerEvents | None = None, stop: threading.Event | None = None,
+                 together: bool = True) -> None:
         self.run = run
         self.attacks = list(attack_configs)
         self.metrics_cfg = metrics_cfg
         self.device = device
         self.parallelism = max(1, int(parallelism))
         self.public = public
+        self.together = together
+        self.groups: list[tuple[str, tuple[int, ...]]] = []  # (attack, clients) attacked as one batch
         self.events = events or RunnerEvents()
         self.stop = stop
         self._done = set(run.done_attacks())
@@ -136,6 +163,60 @@ class AttackRunner:
             elif (rec := self._run_local(task)) is not None:
                 records.append(rec)
         return records
+
+    def submit_round(self, victims: list[Victim]) -> list[AttackRecord]:
+        """Every attack not yet done on a round's victims. In-process, a gradient-matching
+        attack runs on all its pending victims as one batch when their cases allow it (same
+        global weights and shapes); everything else goes victim by victim, as `submit`."""
+        if not self.together or len(victims) < 2 or self.use_ray():
+            return [r for v in victims for r in self.submit(v.case, v.truth_images, v.truth_labels, v.round, v.client)]
+        from attacks.multi import compatible
+
+        records: list[AttackRecord] = []
+        for attack_cfg in self.attacks:
+            tasks = [AttackTask(v.round, v.client, attack_cfg, v.case, v.truth_images, v.truth_labels)
+                     for v in victims if (v.round, v.client, attack_cfg.key) not in self._done]
+            if self.stop is not None and self.stop.is_set():
+                break
+            if len(tasks) > 1 and compatible([t.case for t in tasks]) is None:
+                records.extend(self._run_together(tasks))
+            else:
+                records.extend(r for t in tasks if (r := self._run_local(t)) is not None)
+        return records
+
+    def _run_together(self, tasks: list[AttackTask]) -> list[AttackRecord]:
+        from attacks.base import CallbackProgress
+        from attacks.multi import MultiVictimInversion
+
+        try:
+            attack = build(tasks[0].attack, self.public)
+        except Exception as exc:  # noqa: BLE001 - reported per victim, as a lone attack would be
+            for t in tasks:
+                self._failed(t, exc)
+            return []
+        if not batchable(attack):
+            return [r for t in tasks if (r := self._run_local(t)) is not None]
+        clients = tuple(t.client for t in tasks)
+        shown = dataclasses.replace(tasks[0], together=clients)
+        self.invocations += len(tasks)
+        try:
+            if self.events.on_start:
+                self.events.on_start(shown, int(getattr(attack.config, "iterations", 0) or 0))
+            progress = None
+            if self.events.on_iteration:
+                on_it = self.events.on_iteration
+                progress = CallbackProgress(lambda it, total, loss: on_it(shown, it, total, loss))
+            results = MultiVictimInversion(attack).run([t.case for t in tasks], progress, self.stop, self.device)
+        except Exception as exc:  # noqa: BLE001 - one failing attack must not end the federation
+            for t in tasks:
+                self._failed(t, exc)
+            return []
+        self.groups.append((tasks[0].attack.key, clients))
+        if self.stop is not None and self.stop.is_set() and any((r.extras or {}).get("interrupted") for r in results):
+            return []  # stopped mid-way: nothing finished, nothing recorded
+        # Each victim's `seconds` is its share of the batch's time (the cost per victim).
+        return [self._record(t, dataclasses.replace(r, seconds=r.seconds / len(tasks)))
+                for t, r in zip(tasks, results)]
 
     def _run_local(self, task: AttackTask) -> AttackRecord | None:
         from attacks.base import CallbackProgress

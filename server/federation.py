@@ -28,7 +28,7 @@ from fl_sim.config import ExperimentConfig
 from fl_sim.federated_data import FederatedData, choose_victims, client_sample, federated_data, public_set, stack
 from fl_sim.models import build_model
 from fl_sim.results import AttackRecord, RoundRecord, RunDirectory
-from server.attack_runner import PUBLIC_SET_FIELDS, AttackRunner, AttackTask, RunnerEvents
+from server.attack_runner import PUBLIC_SET_FIELDS, AttackRunner, AttackTask, RunnerEvents, Victim
 from server.strategy import CuriousFedAvg, reply_partition
 
 log = logging.getLogger("fl_sim.server")
@@ -78,7 +78,8 @@ class Display:
         self.progress.update(self.rounds, description=f"round {rnd}/{total}", info="training")
 
     def attack_start(self, task: AttackTask, total: int) -> None:
-        desc = f"  attack {task.attack.key} r{task.round} c{task.client}"
+        who = f"c{task.client}" if not task.together else f"{len(task.together)} victims"
+        desc = f"  attack {task.attack.key} r{task.round} {who}"
         if self.attack is None:
             self.attack = self.progress.add_task(desc, total=total or None, info="")
         else:
@@ -137,7 +138,7 @@ class Federation:
         self.runner = AttackRunner(self.run, self.config.attacks, self.config.metrics, self.config.device,
                                    self.config.engine.attack_parallelism, public=self._public_if_needed(),
                                    events=RunnerEvents(self._attack_start, self._attack_iteration, self._attack_done),
-                                   stop=job.stop)
+                                   stop=job.stop, together=self.config.engine.attack_together)
         self.round_attacks: list[AttackRecord] = []
         self._described = False
 
@@ -278,6 +279,7 @@ class Federation:
             return
         by_pid = {reply_partition(m): m for m in replies}
         global_state: dict[str, torch.Tensor] | None = None
+        victims_cases: list[Victim] = []
         for pid in victims:
             if pid not in by_pid:
                 log.warning("round %d: victim %d sent no usable update; not attacked", rnd, pid)
@@ -295,7 +297,8 @@ class Federation:
             if not self._described and self.display is not None and self.runner.pending(rnd, pid):
                 self.display.print(f"threat model: {case.describe()}")
                 self._described = True
-            self.runner.submit(case, truth_images, truth_labels, rnd, pid)
+            victims_cases.append(Victim(rnd, pid, case, truth_images, truth_labels))
+        self.runner.submit_round(victims_cases)
 
     def make_case(self, rnd: int, pid: int, reply: Message, global_state: dict[str, torch.Tensor]):
         """What the server knows of one client's update, and nothing more."""
