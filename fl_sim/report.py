@@ -12,8 +12,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
-from jinja2 import Environment, PackageLoader, select_autoescape  # noqa: E402
+from jinja2 import Environment, select_autoescape  # noqa: E402
 
+from fl_sim.report_template import REPORT_TEMPLATE  # noqa: E402
 from fl_sim.results import RunDirectory  # noqa: E402
 
 IMAGE_METRICS = ["psnr", "mse", "ssim", "lpips", "id_similarity", "label_accuracy"]
@@ -113,8 +114,8 @@ def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None
             ],
         })
 
-    env = Environment(loader=PackageLoader("fl_sim", "templates"), autoescape=select_autoescape())
-    html = env.get_template("report.html.j2").render(
+    env = Environment(autoescape=select_autoescape(default_for_string=True))
+    html = env.from_string(REPORT_TEMPLATE).render(
         config=config,
         config_yaml=config.to_yaml(),
         accuracy=accuracy_figure(rounds) if not rounds.empty else None,

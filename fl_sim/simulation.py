@@ -254,7 +254,7 @@ def finish_run(job, seconds: float | None = None) -> None:
     else:
         try:
             path = write_report(run)
-        except (OSError, ValueError) as exc:  # e.g. templates missing from a `flwr run` FAB
+        except (OSError, ValueError) as exc:  # e.g. an unwritable run directory
             console.print(f"[yellow]warning:[/] report.html not written ({exc}); "
                           f"rebuild it with `fl-sim report {run.path}`")
         else:

@@ -1,4 +1,11 @@
-<!doctype html>
+"""The report page's Jinja2 template.
+
+It lives in a Python module rather than a .j2 file because a Flower app bundle (what
+`flwr run .` ships to the ServerApp) carries only .py, .toml, .md, .yaml and .json files:
+a template file would be missing there and the report could not be written.
+"""
+
+REPORT_TEMPLATE = """<!doctype html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
@@ -67,3 +74,4 @@
 <details><summary>Resolved config</summary><pre>{{ config_yaml }}</pre></details>
 </body>
 </html>
+"""
