@@ -185,7 +185,6 @@ class AttackRunner:
         return records
 
     def _run_together(self, tasks: list[AttackTask]) -> list[AttackRecord]:
-        from attacks.base import CallbackProgress
         from attacks.multi import MultiVictimInversion
 
         try:
@@ -200,12 +199,7 @@ class AttackRunner:
         shown = dataclasses.replace(tasks[0], together=clients)
         self.invocations += len(tasks)
         try:
-            if self.events.on_start:
-                self.events.on_start(shown, int(getattr(attack.config, "iterations", 0) or 0))
-            progress = None
-            if self.events.on_iteration:
-                on_it = self.events.on_iteration
-                progress = CallbackProgress(lambda it, total, loss: on_it(shown, it, total, loss))
+            progress = self._started(shown, attack)
             results = MultiVictimInversion(attack).run([t.case for t in tasks], progress, self.stop, self.device)
         except Exception as exc:  # noqa: BLE001 - one failing attack must not end the federation
             for t in tasks:
@@ -218,18 +212,20 @@ class AttackRunner:
         return [self._record(t, dataclasses.replace(r, seconds=r.seconds / len(tasks)))
                 for t, r in zip(tasks, results)]
 
-    def _run_local(self, task: AttackTask) -> AttackRecord | None:
+    def _started(self, task: AttackTask, attack):
+        """Tell the display an attack started; the progress object that reports its iterations."""
         from attacks.base import CallbackProgress
 
+        if self.events.on_start:
+            self.events.on_start(task, int(getattr(attack.config, "iterations", 0) or 0))
+        on_it = self.events.on_iteration
+        return CallbackProgress(lambda it, total, loss: on_it(task, it, total, loss)) if on_it else None
+
+    def _run_local(self, task: AttackTask) -> AttackRecord | None:
         self.invocations += 1
         try:
             attack = build(task.attack, self.public)
-            if self.events.on_start:
-                self.events.on_start(task, int(getattr(attack.config, "iterations", 0) or 0))
-            progress = None
-            if self.events.on_iteration:
-                on_it = self.events.on_iteration
-                progress = CallbackProgress(lambda it, total, loss: on_it(task, it, total, loss))
+            progress = self._started(task, attack)
             result = attack.run(task.case, progress=progress, stop=self.stop, device=self.device)
         except Exception as exc:  # noqa: BLE001 - one failing attack must not end the federation
             self._failed(task, exc)
