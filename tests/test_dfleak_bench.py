@@ -43,3 +43,39 @@ def test_dfleak_bench_refuses_to_overwrite(tmp_path):
     (out / "config.yaml").write_text("name: x\n")
     with pytest.raises(SystemExit, match="already holds a run"):
         dfleak_table.main(["--out", str(out), "--victims", "1"])
+
+
+def test_bench_cases_equal_the_federations(tmp_path):
+    """The bench builds its cases without Flower; they must be exactly what the server's
+    strategy hands the attacks in a real run of the same config."""
+    import torch
+
+    from attacks.case import AttackCase
+    from fl_sim.config import parse_config
+    from fl_sim.results import RunDirectory
+    from fl_sim.simulation import run_experiment
+
+    tree = {
+        "name": "same-cases", "seed": 3,
+        "data": {"name": "synthetic", "image_size": 32, "options": {"identities": 4, "per_identity": 30}},
+        "model": {"name": "lenet"},
+        "federation": {"num_clients": 20, "clients_per_round": 20, "rounds": 1, "algorithm": "fedsgd",
+                       "batch_size": 1, "partitioning": "iid"},
+        "threat": {"victims": {"mode": "explicit", "ids": [2, 5]}, "rounds": [1], "save_cases": True},
+        "engine": {"backend": "inprocess"},
+        "metrics": {"lpips": False, "id_backend": None},
+    }
+    config = parse_config(tree)
+    run = RunDirectory.create(tmp_path / "fed", config)
+    run_experiment(config, run, resume=False)
+    _, cases = dfleak_table.build_cases(config, config.federation.bn_mode)
+    assert [pid for pid, *_ in cases] == [2, 5]
+    for pid, case, truth, labels, _ in cases:
+        served = AttackCase.load(tmp_path / "fed" / "cases" / f"r1_c{pid}.pt")
+        served_truth = torch.load(tmp_path / "fed" / "cases" / f"r1_c{pid}_truth.pt", weights_only=True)
+        assert torch.equal(served_truth["images"], truth) and torch.equal(served_truth["labels"], labels)
+        assert list(served.update) == list(case.update)
+        for name in case.update:
+            torch.testing.assert_close(case.update[name], served.update[name], rtol=1e-5, atol=1e-7)
+        for name in case.weights:
+            assert torch.equal(case.weights[name], served.weights[name]), name
