@@ -12,8 +12,9 @@ model is a diffusers UNet2DModel (+ its scheduler config) from
   (`<FL_SIM_HOME>/restorers/ddpm-faces`), trained offline on public faces.
 
 The model works at its own resolution: the input is resized to it and the result resized
-back; when the model is smaller than the input the input's high frequencies are kept
-(`keep_detail`). Grey inputs come back grey.
+back; `keep_detail` keeps the input's high frequencies when the model is smaller than the
+input (off by default: in a raw reconstruction they are mostly noise). Grey inputs come
+back grey.
 """
 from __future__ import annotations
 
@@ -45,7 +46,7 @@ class DiffusionConfig:
     strength: float = 0.4  # start of the reverse process as a share of the schedule
     inference_steps: int = 25  # DDIM steps over the whole schedule (strength * this are run)
     eta: float = 0.0  # DDIM eta (0: deterministic given the noise)
-    keep_detail: bool = True  # keep the input's high frequencies above the model's resolution
+    keep_detail: bool = False  # keep the input's high frequencies above the model's resolution (mostly noise)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.strength <= 1.0:
