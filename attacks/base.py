@@ -12,12 +12,21 @@ if TYPE_CHECKING:
 
 @dataclass
 class AttackResult:
+    """One attack run. Typed fields only: code reads these, never string-keyed extras."""
+
     images: torch.Tensor  # (N, C, H, W) in [0, 1], the case's image shape
     labels: torch.Tensor  # (N,) the labels the attack used (recovered or given)
     loss_history: list[float]  # one objective value per iteration (of the kept restart)
     iterations: int  # iterations actually run, all restarts together
     seconds: float  # wall time of the attack
-    extras: dict[str, float] = field(default_factory=dict)  # best_loss, it_per_s, interrupted, ...
+    final_loss: float  # the attack's objective evaluated on `images` exactly as returned
+    interrupted: bool = False  # stopped by the stop flag before the budget was spent
+    it_per_s: float = 0.0  # iterations (all restarts) per wall second
+    # Alternative outputs of the same run, by a short name, for studies (DFLeak: the image each
+    # other `select` policy would have returned). Same shape and range as `images`.
+    variants: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Attack-specific numbers for the reader (logs, reports); no code branches on these keys.
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
 
 @runtime_checkable

@@ -13,7 +13,12 @@ Pieces, each usable alone:
 - `GradientInversion`: the optimisation loop (Adam, optionally on the signed gradient, box
   constraint in pixel space, lr schedules, restarts keeping the best, the best iterate of a
   run returned) with hooks a subclass overrides: `initial_images`, `on_iteration` (may replace
-  the image) and `pixel_grad_scale` (a per-pixel multiplier of the step direction).
+  the image), `pixel_grad_scale` (a per-pixel multiplier of the step direction), `select`
+  (which iterate of a restart is returned, and its alternatives) and `diagnostics`.
+
+Every restart's returned image is scored once more, clamped to [0, 1] as returned and with the
+exact matching formulation (`score`): that value is the result's `final_loss` and decides
+which restart is kept.
 """
 from __future__ import annotations
 
@@ -338,6 +343,26 @@ class GradientMatcher:
         return loss * self.scale
 
 
+def reference_objective(case: AttackCase, images: torch.Tensor, labels: torch.Tensor, config: "InversionConfig") -> float:
+    """The objective of images as a result returns them ((N, C, H, W) in [0, 1], the case's
+    channels) recomputed in plain ops: a fresh victim model, the matching loss in float64
+    (`GradientMatcher.reference`), the priors. For tests of `AttackResult.final_loss`."""
+    victim = VictimModel(case)
+    x = images.detach().float()
+    if victim.param_channels == 1:
+        x = x[:, :1]  # grey results replicate one channel: take it as it is (no mean rounding)
+    labels = torch.as_tensor(labels, dtype=torch.long)
+    matcher = GradientMatcher(victim.targets(), config.objective, config.layer_weights, config.objective_scale)
+    victim.record_bn_inputs(config.bn_stats > 0)
+    loss = matcher.reference(victim.simulate(x, labels, create_graph=False))
+    inp = victim.normalise(x).double()
+    loss = loss + config.tv * total_variation(inp) + config.l2 * l2_norm(inp)
+    if config.bn_stats > 0:
+        loss = loss + config.bn_stats * victim.bn_loss()
+    victim.record_bn_inputs(False)
+    return float(loss.detach())
+
+
 def exact_threshold(matcher: GradientMatcher) -> float:
     """The matching loss under which the factored forms (attacks.factored) lose precision in
     float32: 1 - cos below 1e-3; for L2 (|g|^2 - 2<g,t> + |t|^2, whose float32 terms carry
@@ -430,6 +455,19 @@ class InversionContext:
     state: dict[str, Any] = field(default_factory=dict)  # free for subclasses' hooks
 
 
+@dataclass
+class RestartOutcome:
+    """What one restart of the loop produced (pixel images with C' channels, unclamped)."""
+
+    best: torch.Tensor  # the lowest-loss iterate (the loss as evaluated during the run)
+    best_loss: float
+    final: torch.Tensor  # the last iterate (where the optimisation stopped)
+    final_loss: float  # its loss; inf when stopped before it was evaluated
+    history: list[float]  # the loss of the image each iteration started from
+    iterations: int
+    interrupted: bool
+
+
 class GradientInversion(Attack):
     """Optimise dummy images so that their simulated update matches the observed one."""
 
@@ -475,6 +513,27 @@ class GradientInversion(Attack):
     def pixel_grad_scale(self, ctx: InversionContext, it: int, x: torch.Tensor) -> torch.Tensor | None:
         """A per-pixel multiplier of the step direction (after the sign), or None."""
         return None
+
+    def select(self, ctx: InversionContext, outcome: RestartOutcome) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """At the end of a restart: the pixel images it returns (C' channels) and alternatives
+        by name (the result's `variants` when this restart is kept). The engine's rule: the
+        lowest-loss iterate, no alternatives."""
+        return outcome.best, {}
+
+    def diagnostics(self, ctx: InversionContext, restart: int) -> dict[str, float]:
+        """Attack-specific numbers for the reader, at the end of the run; `restart` is the kept one."""
+        return {}
+
+    def score(self, ctx: InversionContext, x: torch.Tensor) -> float:
+        """The objective of pixel images x (C' channels) as the result returns them: clamped to
+        [0, 1], matched with the exact formulation (materialised gradients, not the factored
+        speed path)."""
+        fast = ctx.state.get("factored")
+        ctx.state["factored"] = None
+        try:
+            return float(self.objective(ctx, x.detach().clamp(0, 1)).detach())
+        finally:
+            ctx.state["factored"] = fast
 
     # -- the objective -----------------------------------------------------------------------
     def objective(self, ctx: InversionContext, x: torch.Tensor) -> torch.Tensor:
@@ -557,9 +616,7 @@ class GradientInversion(Attack):
             torch.set_num_threads(cfg.num_threads)
         t0 = time.perf_counter()
         ctx = self.prepare(case, device)
-        best_x: torch.Tensor | None = None
-        best_loss = math.inf
-        best_history: list[float] = []
+        kept: tuple[torch.Tensor, float, list[float], dict[str, torch.Tensor]] | None = None
         best_restart = 0
         done = 0
         interrupted = False
@@ -568,25 +625,37 @@ class GradientInversion(Attack):
             ctx.generator = torch.Generator().manual_seed(cfg.seed * 1000 + r)
             if ctx.state.get("factored_matcher") is not None:  # a new start is far from the optimum
                 ctx.state["factored"] = ctx.state["factored_matcher"]
-            x_r, loss_r, history, n_it, interrupted = self._optimise(ctx, progress, stop, done)
-            done += n_it
-            if loss_r < best_loss or best_x is None:
-                best_x, best_loss, best_history, best_restart = x_r, loss_r, history, r
+            outcome = self._optimise(ctx, progress, stop, done)
+            done += outcome.iterations
+            interrupted = outcome.interrupted
+            if kept is not None and outcome.iterations == 0:
+                break  # stopped before this restart took a step: its start is no candidate
+            image, variants = self.select(ctx, outcome)
+            loss = self.score(ctx, image)
+            if kept is None or loss < kept[1]:
+                kept, best_restart = (image, loss, outcome.history, variants), r
             if interrupted:
                 break
+        assert kept is not None
+        diagnostics = {**self.diagnostics(ctx, best_restart), "best_restart": float(best_restart),
+                       "labels_recovered": float(ctx.labels_recovered)}
         ctx.victim.record_bn_inputs(False)
         seconds = time.perf_counter() - t0
-        assert best_x is not None
-        images = ctx.victim.to_rgb(best_x.clamp(0, 1)).detach().cpu().contiguous()
-        extras = {"best_loss": float(best_loss), "best_restart": float(best_restart),
-                  "labels_recovered": float(ctx.labels_recovered), "interrupted": float(interrupted),
-                  "it_per_s": done / seconds if seconds > 0 else 0.0,
-                  "seconds_per_iteration": seconds / max(done, 1)}
-        return AttackResult(images=images, labels=ctx.labels.cpu(), loss_history=best_history,
-                            iterations=done, seconds=seconds, extras=extras)
+        image, final_loss, history, variants = kept
+        diagnostics["seconds_per_iteration"] = seconds / max(done, 1)
+        return AttackResult(images=self.returned(ctx, image), labels=ctx.labels.cpu(), loss_history=history,
+                            iterations=done, seconds=seconds, final_loss=final_loss, interrupted=interrupted,
+                            it_per_s=done / seconds if seconds > 0 else 0.0,
+                            variants={k: self.returned(ctx, v) for k, v in variants.items()},
+                            diagnostics=diagnostics)
+
+    @staticmethod
+    def returned(ctx: InversionContext, x: torch.Tensor) -> torch.Tensor:
+        """Pixel images (C' channels) as a result holds them: clamped, the case's channels, CPU."""
+        return ctx.victim.to_rgb(x.detach().clamp(0, 1)).cpu().contiguous()
 
     def _optimise(self, ctx: InversionContext, progress: Progress | None, stop: StopFlag | None,
-                  offset: int) -> tuple[torch.Tensor, float, list[float], int, bool]:
+                  offset: int) -> RestartOutcome:
         cfg = self.config
         victim = ctx.victim
         x0 = self.initial_images(ctx).detach()
@@ -599,7 +668,8 @@ class GradientInversion(Attack):
         history: list[float] = []
         for it in range(cfg.iterations):
             if stopped(stop):
-                return best_x, best_loss, history, it, True
+                final = victim.param_to_pixels(z).detach().clone()
+                return RestartOutcome(best_x, best_loss, final, math.inf, history, it, True)
             x = victim.param_to_pixels(z)
             loss = self.objective(ctx, x)
             (grad,) = torch.autograd.grad(loss, z)
@@ -626,7 +696,8 @@ class GradientInversion(Attack):
             report(progress, offset + it + 1, ctx.total_iterations, value)
         # Score the final iterate too.
         x = victim.param_to_pixels(z)
-        final = float(self.objective(ctx, x).detach())
-        if final < best_loss:
-            best_loss, best_x = final, x.detach().clone()
-        return best_x, best_loss, history, cfg.iterations, False
+        final_value = float(self.objective(ctx, x).detach())
+        final = x.detach().clone()
+        if final_value < best_loss:
+            best_loss, best_x = final_value, final
+        return RestartOutcome(best_x, best_loss, final, final_value, history, cfg.iterations, False)

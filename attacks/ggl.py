@@ -165,19 +165,18 @@ class GGL(Attack):
             tt = sum(float(w) * float(t.pow(2).sum()) for w, t in zip(weights, targets))
             exact_below = 0.1 * tt if cfg.objective == "l2" else 1e-3
 
-        def candidate_losses(u: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
-            """Losses of P candidates (P, n * latent_dim) and their images."""
+        def latents(u: np.ndarray) -> torch.Tensor:
             ut = torch.as_tensor(u, dtype=torch.float32, device=device)
-            z = cfg.tanh_scale * torch.tanh(ut) if cfg.latent_bound == "tanh" else ut
-            with torch.no_grad():
-                imgs = self.images_from_latent(gen, z.reshape(-1, latent_dim), case)
-            imgs = imgs.reshape(len(u), n, *imgs.shape[1:])
+            return cfg.tanh_scale * torch.tanh(ut) if cfg.latent_bound == "tanh" else ut
+
+        def losses_of(imgs: torch.Tensor, z: torch.Tensor, exact: bool = False) -> torch.Tensor:
+            """The objective of P candidates: images (P, n, C, H, W) as returned, latents (P, n * D)."""
             inp = victim.normalise(imgs.flatten(0, 1)).reshape(imgs.shape)
             losses = []
             step = cfg.chunk if cfg.chunk > 0 else 1
-            for s in range(0, len(u), step):
+            for s in range(0, len(imgs), step):
                 batch = inp[s:s + step]
-                if fast is not None:  # values only, no parameter gradients formed
+                if fast is not None and not exact:  # values only, no parameter gradients formed
                     loss = fast(batch, labels.unsqueeze(0).expand(len(batch), -1), create_graph=False).detach()
                     if bool((loss >= exact_below).all()):
                         losses.append(loss)
@@ -194,7 +193,15 @@ class GGL(Attack):
             loss = torch.cat(losses)
             if cfg.latent_bound == "kl" and cfg.kl_weight > 0:
                 loss = loss + cfg.kl_weight * latent_kl(z)
-            return loss.double().cpu().numpy(), imgs
+            return loss.double().cpu()
+
+        def candidate_losses(u: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
+            """Losses of P candidates (P, n * latent_dim) and their images."""
+            z = latents(u)
+            with torch.no_grad():
+                imgs = self.images_from_latent(gen, z.reshape(-1, latent_dim), case)
+            imgs = imgs.reshape(len(u), n, *imgs.shape[1:])
+            return losses_of(imgs, z).numpy(), imgs
 
         dim = n * latent_dim
         es = cma.CMAEvolutionStrategy(np.zeros(dim), cfg.sigma0,
@@ -202,6 +209,7 @@ class GGL(Attack):
                                        "maxiter": cfg.budget})
         best_loss = math.inf
         best_images: torch.Tensor | None = None
+        best_u = np.zeros(dim)  # stopped before the first round: the prior's mean
         history: list[float] = []
         rounds = 0
         interrupted = False
@@ -214,21 +222,22 @@ class GGL(Attack):
             es.tell(cands, losses.tolist())
             i = int(np.argmin(losses))
             if losses[i] < best_loss:
-                best_loss, best_images = float(losses[i]), imgs[i].detach().clone()
+                best_loss, best_images, best_u = float(losses[i]), imgs[i].detach().clone(), np.asarray(cands[i])
             history.append(best_loss)
             rounds = r + 1
             report(progress, rounds, cfg.budget, best_loss)
-        if best_images is None:  # stopped before the first round: the prior's mean
-            _, imgs = candidate_losses(np.zeros((1, dim)))
+        if best_images is None:
+            _, imgs = candidate_losses(best_u[None])
             best_images = imgs[0]
+        # The objective of the image returned, without the factored speed path's rounding.
+        final_loss = float(losses_of(best_images.unsqueeze(0), latents(best_u[None]), exact=True)[0])
         seconds = time.perf_counter() - t0
-        extras = {"best_loss": best_loss, "labels_recovered": float(recovered), "interrupted": float(interrupted),
-                  "evaluations": float(rounds * cfg.population),
-                  "clip_norm": float(defense.clip_norm or 0.0),
-                  "prune_fraction": float(np.mean(defense.prune_fraction)) if defense.prune_fraction else 0.0,
-                  "it_per_s": rounds / seconds if seconds > 0 else 0.0}
+        diagnostics = {"labels_recovered": float(recovered), "evaluations": float(rounds * cfg.population),
+                       "clip_norm": float(defense.clip_norm or 0.0),
+                       "prune_fraction": float(np.mean(defense.prune_fraction)) if defense.prune_fraction else 0.0}
         return AttackResult(images=best_images.cpu(), labels=labels.cpu(), loss_history=history,
-                            iterations=rounds, seconds=seconds, extras=extras)
+                            iterations=rounds, seconds=seconds, final_loss=final_loss, interrupted=interrupted,
+                            it_per_s=rounds / seconds if seconds > 0 else 0.0, diagnostics=diagnostics)
 
     def _distance(self, gs: list[torch.Tensor], targets: list[torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
         """Per-candidate gradient distance; gs[l] is (P, *targets[l].shape)."""

@@ -8,6 +8,9 @@ labels and observed update), one fused matching loss for all, one Adam over all 
 is elementwise, so this is the same as one Adam per victim).
 
 Per-victim results are the same as attacking each alone (up to float rounding); a test checks it.
+Each victim's restart is then finished as `GradientInversion.run` finishes one: the attack's
+`select` picks the returned image, `score` evaluates it alone (exact matching, clamped), and
+that value is the victim's `final_loss` and decides which restart it keeps.
 """
 from __future__ import annotations
 
@@ -21,7 +24,8 @@ import torch
 from attacks.base import AttackResult, Progress, StopFlag, report, stopped
 from attacks.case import AttackCase
 from attacks.expanded import ExpandedModel, supports
-from attacks.engine import _EXACT_BELOW, GradientInversion, InversionContext, exact_threshold, layer_weights
+from attacks.engine import (_EXACT_BELOW, GradientInversion, InversionContext, RestartOutcome, exact_threshold,
+                            layer_weights)
 from attacks.factored import FactoredMatcher
 
 _SAME = ("model_name", "num_classes", "image_shape", "update_kind", "num_images", "local_lr", "local_steps",
@@ -201,9 +205,7 @@ class MultiVictimInversion:
             return loss
 
         total = cfg.iterations * cfg.restarts
-        best_x = [None] * v
-        best_loss = [math.inf] * v
-        best_hist: list[list[float]] = [[] for _ in range(v)]
+        kept: list[tuple[torch.Tensor, float, list[float], dict[str, torch.Tensor]] | None] = [None] * v
         best_restart = [0] * v
         done = 0
         interrupted = False
@@ -211,27 +213,39 @@ class MultiVictimInversion:
             for ctx in ctxs:
                 ctx.restart = r
                 ctx.generator = torch.Generator().manual_seed(cfg.seed * 1000 + r)
-            x_r, l_r, h_r, n_it, interrupted = self._optimise(ctxs, objective, progress, stop, done, total)
-            done += n_it
-            for i in range(v):
-                if l_r[i] < best_loss[i] or best_x[i] is None:
-                    best_x[i], best_loss[i], best_hist[i], best_restart[i] = x_r[i], l_r[i], h_r[i], r
+            outcomes = self._optimise(ctxs, objective, progress, stop, done, total)
+            done += outcomes[0].iterations
+            interrupted = outcomes[0].interrupted
+            if r > 0 and outcomes[0].iterations == 0:
+                break  # stopped before this restart took a step: its starts are no candidates
+            for i, (ctx, outcome) in enumerate(zip(ctxs, outcomes)):
+                image, variants = attack.select(ctx, outcome)
+                loss = attack.score(ctx, image)
+                prev = kept[i]
+                if prev is None or loss < prev[1]:
+                    kept[i], best_restart[i] = (image, loss, outcome.history, variants), r
             if interrupted:
                 break
         seconds = time.perf_counter() - t0
         results = []
         for i, ctx in enumerate(ctxs):
-            images = victim.to_rgb(best_x[i].clamp(0, 1)).detach().cpu().contiguous()
-            extras = {"best_loss": float(best_loss[i]), "best_restart": float(best_restart[i]),
-                      "labels_recovered": float(ctx.labels_recovered), "interrupted": float(interrupted),
-                      "victims_together": float(v), "it_per_s": done / seconds if seconds > 0 else 0.0,
-                      "victim_it_per_s": v * done / seconds if seconds > 0 else 0.0,
-                      "seconds_per_iteration": seconds / max(done, 1)}
-            results.append(AttackResult(images=images, labels=ctx.labels.cpu(), loss_history=best_hist[i],
-                                        iterations=done, seconds=seconds, extras=extras))
+            entry = kept[i]
+            assert entry is not None
+            image, final_loss, history, variants = entry
+            diagnostics = {**attack.diagnostics(ctx, best_restart[i]), "best_restart": float(best_restart[i]),
+                           "labels_recovered": float(ctx.labels_recovered), "victims_together": float(v),
+                           "victim_it_per_s": v * done / seconds if seconds > 0 else 0.0,
+                           "seconds_per_iteration": seconds / max(done, 1)}
+            results.append(AttackResult(images=attack.returned(ctx, image), labels=ctx.labels.cpu(),
+                                        loss_history=history, iterations=done, seconds=seconds,
+                                        final_loss=final_loss, interrupted=interrupted,
+                                        it_per_s=done / seconds if seconds > 0 else 0.0,
+                                        variants={k: attack.returned(ctx, x) for k, x in variants.items()},
+                                        diagnostics=diagnostics))
         return results
 
-    def _optimise(self, ctxs: list[InversionContext], objective, progress, stop, offset: int, total: int):
+    def _optimise(self, ctxs: list[InversionContext], objective, progress, stop, offset: int,
+                  total: int) -> list[RestartOutcome]:
         attack, cfg = self.attack, self.attack.config
         victim = ctxs[0].victim
         v = len(ctxs)
@@ -248,9 +262,13 @@ class MultiVictimInversion:
         def pixels(zz: torch.Tensor) -> torch.Tensor:
             return victim.param_to_pixels(zz.flatten(0, 1)).view_as(zz)
 
+        def outcomes(final: torch.Tensor, final_loss: list[float], n_it: int, interrupted: bool) -> list[RestartOutcome]:
+            return [RestartOutcome(best_x[i], best_loss[i], final[i], final_loss[i], hist[i], n_it, interrupted)
+                    for i in range(v)]
+
         for it in range(cfg.iterations):
             if stopped(stop):
-                return best_x, best_loss, hist, it, True
+                return outcomes(pixels(z).detach().clone(), [math.inf] * v, it, True)
             x = pixels(z)
             losses = objective(x)
             (grad,) = torch.autograd.grad(losses.sum(), z)
@@ -282,10 +300,11 @@ class MultiVictimInversion:
             report(progress, offset + it + 1, total, float(sum(values) / v))
         x = pixels(z)
         final = objective(x).detach().double().tolist()
+        xd = x.detach().clone()
         for i, val in enumerate(final):
             if val < best_loss[i]:
-                best_loss[i], best_x[i] = val, x[i].detach().clone()
-        return best_x, best_loss, hist, cfg.iterations, False
+                best_loss[i], best_x[i] = val, xd[i].clone()
+        return outcomes(xd, final, cfg.iterations, False)
 
 
 def invert_together(attack: GradientInversion, cases: Sequence[AttackCase], progress: Progress | None = None,

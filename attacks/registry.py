@@ -1,67 +1,35 @@
-"""The attack registry: presets by name, each with a typed config of its hyper-parameters."""
+"""The attack registry: presets by name, each with a typed config of its hyper-parameters.
+
+Built on the project's one generic registry (`fl_sim.registry`): an unknown preset names the
+allowed ones; a bad setting (unknown key, wrong type, out of range) is one line naming it.
+"""
 from __future__ import annotations
 
-import dataclasses
-import importlib
-from typing import Any, Callable, TypeVar
+from collections.abc import Mapping
+from typing import Any
 
 from attacks.base import Attack
+from fl_sim.registry import Registry, build_settings, setting_defaults
 
-ATTACKS: dict[str, type[Attack]] = {}
-A = TypeVar("A", bound=type[Attack])
-
-
-def register_attack(name: str) -> Callable[[A], A]:
-    def wrap(cls: A) -> A:
-        if name in ATTACKS and ATTACKS[name] is not cls:
-            raise ValueError(f"attack {name!r} is registered twice")
-        cls.name = name
-        ATTACKS[name] = cls
-        return cls
-
-    return wrap
-
-
-# Modules whose import registers presets; a module not written yet is skipped.
-BUILTIN_MODULES = ("attacks.baselines", "attacks.ggl", "attacks.dfleak")
-
-
-def _load_builtin() -> None:
-    for module in BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:
-            if exc.name != module:
-                raise
+# Modules whose import registers the presets.
+ATTACKS: Registry[type[Attack]] = Registry("attack", builtin=("attacks.baselines", "attacks.ggl", "attacks.dfleak"))
+register_attack = ATTACKS.register
 
 
 def config_fields(name: str) -> dict[str, Any]:
     """The hyper-parameters of an attack and their defaults (for docs and the CLI)."""
-    cls = _lookup(name)
-    return {f.name: getattr(cls.Config(), f.name) for f in dataclasses.fields(cls.Config)}
-
-
-def _lookup(name: str) -> type[Attack]:
-    _load_builtin()
-    if name not in ATTACKS:
-        raise ValueError(f"unknown attack {name!r}; choose one of {sorted(ATTACKS)}")
-    return ATTACKS[name]
+    return setting_defaults(ATTACKS.get(name).Config)
 
 
 def build_attack(name: str, **overrides: Any) -> Attack:
-    """An attack preset with some hyper-parameters overridden.
+    """An attack preset with some hyper-parameters overridden (a ValueError on bad input)."""
+    return build_attack_at(name, overrides, where=name)
 
-    An unknown key is a ValueError naming it and the allowed keys; a bad value is a
-    ValueError from the config's own validation.
-    """
-    cls = _lookup(name)
-    allowed = [f.name for f in dataclasses.fields(cls.Config)]
-    unknown = sorted(set(overrides) - set(allowed))
-    if unknown:
-        raise ValueError(f"attack {name!r} has no setting {', '.join(map(repr, unknown))}; "
-                         f"allowed: {', '.join(allowed)}")
-    try:
-        config = cls.Config(**overrides)
-    except TypeError as exc:  # pragma: no cover - dataclass signature errors
-        raise ValueError(f"attack {name!r}: {exc}") from exc
-    return cls(config)
+
+def build_attack_at(name: str, params: Mapping[str, Any], where: str) -> Attack:
+    """As `build_attack`, with `where` (e.g. "attacks.0.params") naming the settings in errors."""
+    cls = ATTACKS.get(name)
+    return cls(build_settings(cls.Config, params, where))
+
+
+__all__ = ["ATTACKS", "register_attack", "config_fields", "build_attack", "build_attack_at"]

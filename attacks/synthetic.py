@@ -1,8 +1,9 @@
 """Make an attack case from known images, as a client would have produced it.
 
 For tests, benchmarks and users who want to audit their own model without a federation. The
-client side is written independently of the attacker's simulation (a real optimizer on a
-real module), so a test comparing the two checks the attacker's modelling of the client.
+update comes from the clients' own training functions (`fl_sim.training`: a real optimizer
+on a real module), not from the attacker's simulation, so a test comparing the two checks
+the attacker's modelling of the client.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks.case import AttackCase
+from fl_sim.training import fedavg_train, fedsgd_gradient
 
 
 def make_case(model_name: str, num_classes: int, images: torch.Tensor, labels: torch.Tensor, *,
@@ -21,9 +23,9 @@ def make_case(model_name: str, num_classes: int, images: torch.Tensor, labels: t
               send_labels: bool = False) -> AttackCase:
     """The case of a client holding `images` (N, C, H, W) in [0, 1] with `labels`.
 
-    The model gets seeded random weights (or `weights`); the client trains in train mode
-    (eval mode with bn_mode="eval"), cross-entropy with mean reduction, FedAvg by plain SGD
-    over minibatches taken in order.
+    The model gets seeded random weights (or `weights`); the client trains as every client
+    does (`fl_sim.training`): BatchNorm per `bn_mode`, cross-entropy with mean reduction,
+    FedAvg by plain SGD over minibatches taken in order.
     """
     from fl_sim.models import build_model
 
@@ -35,28 +37,17 @@ def make_case(model_name: str, num_classes: int, images: torch.Tensor, labels: t
         if isinstance(m, nn.Dropout):
             m.p = 0.0
     sent = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.train(bn_mode == "train")
     c = images.shape[1]
     m = torch.tensor(mean).view(1, c, 1, 1)
     s = torch.tensor(std).view(1, c, 1, 1)
     inp = (images - m) / s
     labels = torch.as_tensor(labels, dtype=torch.long)
-    params = dict(model.named_parameters())
     if update_kind == "gradient":
-        loss = F.cross_entropy(model(inp), labels)
-        grads = torch.autograd.grad(loss, list(params.values()))
-        update = {k: g.detach().clone() for k, g in zip(params, grads)}
+        update, _ = fedsgd_gradient(model, inp, labels, bn_mode)
     else:
-        n = len(images)
-        b = local_batch_size if 0 < local_batch_size < n else n
-        opt = torch.optim.SGD(model.parameters(), lr=local_lr)
-        start = {k: p.detach().clone() for k, p in params.items()}
-        for step in range(local_steps):
-            idx = [(step * b + j) % n for j in range(b)]
-            opt.zero_grad()
-            F.cross_entropy(model(inp[idx]), labels[idx]).backward()
-            opt.step()
-        update = {k: (p.detach() - start[k]).clone() for k, p in params.items()}
+        start = {k: p.detach().clone() for k, p in model.named_parameters()}
+        fedavg_train(model, inp, labels, local_lr, local_steps, local_batch_size, bn_mode)
+        update = {k: (p.detach() - start[k]).clone() for k, p in model.named_parameters()}
     return AttackCase(model_name=model_name, num_classes=num_classes, image_shape=tuple(images.shape[1:]),
                       weights=sent, update=update, update_kind=update_kind, num_images=len(images),
                       local_lr=local_lr, local_steps=local_steps, local_batch_size=local_batch_size,

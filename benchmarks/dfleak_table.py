@@ -1,28 +1,28 @@
-"""DFLeak vs its ablations vs InvertG on the same victims: a Table II / Table V style table.
+"""DFLeak vs its ablations vs InvertG on the same victims: a Table II / Table V style table
+with paired statistics.
 
-    python benchmarks/dfleak_table.py [--config configs/bench/dfleak.yaml] [--iterations N]
-    fl-sim bench dfleak [same options]
+    fl-sim bench dfleak [--config configs/bench/dfleak.yaml] [key.sub=value ...] [--out DIR]
+    fl-sim bench dfleak --split dev              # the development victims (for choosing settings)
+    fl-sim bench dfleak --shard 0/2 --out D &    # shards of one run, started together
+    fl-sim bench dfleak --shard 1/2 --out D      #   (the last one to finish writes the table)
+    fl-sim bench dfleak --resume D               # continue a stopped run, then tabulate
 
-The victims, model, data, public set and attacks come from the bench config (by default
-configs/bench/dfleak.yaml); the cases are built the way the federation builds them in its
-first attacked round, without running Flower: the server's global model (seeded as the
-server seeds it), each explicit victim's FedSGD batch (`client_sample`), its gradient
-computed as the client computes it (cross-entropy, named_parameters order) and an
-`AttackCase` with exactly the fields the server's strategy fills. Every (victim, attack)
-result is saved as it finishes, so a stopped run continues with --resume.
+Victims: the config's `threat.victims.ids` are the evaluation victims the table reports on;
+`threat.victims.dev_ids` are the development victims on which settings (select rule,
+restorer, epsilon...) are chosen by looking at reconstructions. `--split` picks one; a run
+directory holds one split.
 
-BatchNorm: `--bn` defaults to the config's `federation.bn_mode`; `eval` computes the client's gradient with frozen BatchNorm
-(running statistics), as inversefed and DFLeak's released code (model.eval()) do; `--bn
-train` uses batch statistics, what a client training normally does. At batch size 1 and
-64 px ResNet18's last BatchNorm layers normalise over 2 x 2 maps and the gradient becomes
-chaotic in the input (a 0.1 % perturbation of the true image already gives a cosine loss
-of 0.4), so no optimisation attack gets anywhere in that setting.
+Cases come from the product's one pipeline (`server.cases.simulate_victims`): each victim's
+reply from the ClientApp's own `local_update` (BatchNorm mode, defenses and all) and the
+strategy's `make_case`. Attacks go through the federation's attack runner, so every finished
+(victim, attack) is in the run's results store at once and a resumed or sharded run never
+redoes one. Each attack runs alone on each victim (seconds per victim are comparable).
 
---out is a run directory like `fl-sim run`'s (config.yaml with the BatchNorm mode used,
-metrics.csv, images/, report.html), plus table.csv (mean and std per method, the Table II /
-Table V layout), victims.csv (one row per victim and method), table.md (with the paper's
-numbers beside ours), grid.png (victims x methods, also in the report) and results/*.pt
-(each finished attack, what --resume skips).
+The run directory is a `fl-sim run` directory (config.yaml, metrics.csv, images/,
+report.html) plus table.csv (mean and std per method), victims.csv (one row per victim and
+method, with DFLeak's diagnostics), comparisons.csv (each method against the reference
+method, victim by victim: mean paired difference, 95 % CI, wins/ties/losses, n), table.md
+(all of it with the paper's numbers beside ours) and grid.png (victims x methods).
 """
 from __future__ import annotations
 
@@ -33,12 +33,9 @@ import time
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("psnr", "mse", "lpips", "ssim")
+METRICS = ("psnr", "mse", "lpips", "ssim", "id_similarity")
+BENCH_FILE = "bench.json"
 
 # DFLeak paper, Table II (ResNet18 gender classifier, batch 1) and Table V (CelebA-HQ 112).
 PAPER_TABLE_II = {
@@ -52,167 +49,268 @@ PAPER_TABLE_II = {
 PAPER_TABLE_V = {"dfleak-no-init": 20.54, "dfleak-no-restore": 21.56, "dfleak-no-schedule": 22.48, "dfleak": 22.66}
 
 
-def build_cases(config, bn_mode: str, limit: int | None = None):
-    """[(partition id, case, truth images, truth labels)] for the config's explicit victims in
-    its first attacked round."""
-    from attacks.case import AttackCase
-    from fl_sim.federated_data import build_federated_data, client_sample
-    from fl_sim.models import build_model
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fl-sim bench dfleak", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "bench" / "dfleak.yaml"))
+    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
+    p.add_argument("--out", help="run directory (default runs/dfleak-<split>-<timestamp>)")
+    p.add_argument("--resume", metavar="DIR", help="continue a run directory of this benchmark, then tabulate")
+    p.add_argument("--split", choices=["eval", "dev"], default="eval",
+                   help="evaluation victims (threat.victims.ids) or development victims (dev_ids)")
+    p.add_argument("--iterations", type=int, help="every attack's iterations")
+    p.add_argument("--victims", type=int, help="only the first N victims of the split")
+    p.add_argument("--attacks", help="comma-separated attack labels (default: all in the config)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--shard", help="i/n: only victims i, i+n, ... of the split (shards share --out)")
+    return p
 
-    if config.federation.algorithm != "fedsgd":
-        raise ValueError("this benchmark builds FedSGD cases; set federation.algorithm: fedsgd")
-    if config.threat.victims.mode != "explicit" or not config.threat.victims.ids:
-        raise ValueError("this benchmark needs threat.victims.mode: explicit with ids")
-    data = build_federated_data(config)
-    torch.manual_seed(config.seed)  # as the server builds its global model
-    model = build_model(config.model.name, data.num_classes, config.model.weights)
-    weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+# ---------------------------------------------------------------------------------------
+# The bench's config: the experiment config with the bench's choices applied
+
+
+def resolve(args: argparse.Namespace):
+    """The config this benchmark runs (attacks filtered, iterations set) and its victims."""
+    from fl_sim.config import ConfigError, load_config, parse_config
+
+    config = load_config(args.config, args.overrides)
+    tree = config.model_dump(mode="json")
+    attacks = tree["attacks"]
+    if args.attacks:
+        wanted = args.attacks.split(",")
+        attacks = [a for a in attacks if (a["label"] or a["name"]) in wanted]
+        if not attacks:
+            raise ConfigError(f"--attacks {args.attacks!r} matches none of {[a.key for a in config.attacks]}")
+    if args.iterations:
+        for a in attacks:
+            a["params"]["iterations"] = args.iterations
+    tree["attacks"] = attacks
+    if tree["metrics"]["reference"] not in (None, *[a["label"] or a["name"] for a in attacks]):
+        tree["metrics"]["reference"] = None  # filtered out: the first attack is the reference
+    config = parse_config(tree)
+    victims = config.threat.victims
+    if victims.mode != "explicit":
+        raise ConfigError("threat.victims.mode: this benchmark needs explicit victims (ids, and dev_ids to tune on)")
+    ids = list(victims.ids if args.split == "eval" else victims.dev_ids)
+    if not ids:
+        raise ConfigError(f"threat.victims.{'ids' if args.split == 'eval' else 'dev_ids'}: no victims for --split "
+                          f"{args.split}")
+    return config, ids[: args.victims] if args.victims else ids
+
+
+def open_run(args: argparse.Namespace, argv: list[str]):
+    """(args, config, victims, run directory). A new --out is created; a shard joins the
+    directory of its siblings when they run the same config; --resume reopens one."""
+    from fl_sim.config import ConfigError
+    from fl_sim.results import RunDirectory, RunExists
+    from server.preflight import preflight
+
+    resuming = bool(args.resume)
+    if resuming:
+        out = Path(args.resume)
+        if not (out / BENCH_FILE).exists():
+            raise ConfigError(f"{out} holds no DFLeak benchmark (no {BENCH_FILE})")
+        shard, threads = args.shard, args.threads
+        args = build_parser().parse_args(json.loads((out / BENCH_FILE).read_text())["argv"])
+        args.out, args.shard, args.threads = str(out), shard, threads
+    config, victims = resolve(args)
+    preflight(config)
+    out = Path(args.out or f"runs/dfleak-{args.split}-{datetime.now():%Y%m%d-%H%M%S}")
+    if (out / "config.yaml").exists():
+        same = RunDirectory.open(out).config() == config
+        if resuming or (args.shard and same):
+            return args, config, victims, RunDirectory.open(out)
+        hint = "its config differs" if args.shard else f"continue it with --resume {out}"
+        raise ConfigError(f"{out} already holds a run; {hint}")
+    try:
+        run = RunDirectory.create(out, config)
+    except RunExists:  # a sibling shard made it a moment ago
+        return args, config, victims, RunDirectory.open(out)
+    # Shard-free arguments: every shard and a later --resume share them.
+    keep = [a for i, a in enumerate(argv) if not (a == "--shard" or a.startswith("--shard=")
+                                                  or (i > 0 and argv[i - 1] == "--shard")
+                                                  or a == "--threads" or (i > 0 and argv[i - 1] == "--threads"))]
+    (out / BENCH_FILE).write_text(json.dumps({"argv": keep}))
+    return args, config, victims, run
+
+
+# ---------------------------------------------------------------------------------------
+# Running
+
+
+def attack_victims(args, config, victims: list[int], run) -> None:
+    import torch
+
+    from fl_sim.federated_data import federated_data, public_set
+    from server.attack_runner import AttackRunner, RunnerEvents
+    from server.cases import simulate_victims
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    mine = victims
+    if args.shard:
+        i, n = (int(v) for v in args.shard.split("/"))
+        mine = victims[i::n]
     rnd = config.threat.rounds[0]
-    ds = data.dataset
-    out = []
-    for pid in config.threat.victims.ids[:limit]:
-        idx = torch.as_tensor(client_sample(config, data, pid, rnd))
-        images, labels = ds.images[idx], ds.labels[idx]
-        net = build_model(config.model.name, data.num_classes)
-        net.load_state_dict(weights)
-        net.train(bn_mode == "train")
-        inputs = ds.normalise(images)
-        named = list(net.named_parameters())
-        loss = F.cross_entropy(net(inputs), labels)
-        grads = torch.autograd.grad(loss, [p for _, p in named])
-        update = {n: g.detach().clone() for (n, _), g in zip(named, grads)}
-        case = AttackCase(model_name=config.model.name, num_classes=data.num_classes,
-                          image_shape=tuple(images.shape[1:]), weights=weights, update=update,
-                          update_kind="gradient", num_images=len(idx), mean=ds.mean, std=ds.std,
-                          labels=labels.clone() if config.threat.labels_known else None, grey=ds.grey,
-                          meta={"round": rnd, "client": pid, "dataset": ds.name}, bn_mode=bn_mode)
-        out.append((pid, case, images, labels, ds.identities[idx].tolist()))
-    return data, out
+    done = run.done_attacks()
+    todo = [pid for pid in mine if any((rnd, pid, a.key) not in done for a in config.attacks)]
+    if not todo:
+        return
+    data = federated_data(config)
+    cases = simulate_victims(config, todo, rnd)
+    print(f"{len(todo)} victims x {len(config.attacks)} attacks; {cases[0].case.describe()}", flush=True)
+    last = [0.0]
 
+    def on_start(task, total):
+        print(f"client {task.client} (identity {identity(config, data, task.client, rnd)}): {task.attack.key}",
+              flush=True)
 
-def public_images(config, data) -> torch.Tensor:
-    from fl_sim.federated_data import public_set
-
-    return public_set(config, data).images
-
-
-def run_one(attack_cfg, case, public, iterations: int | None, threads: int):
-    from attacks.registry import build_attack, config_fields
-
-    params = dict(attack_cfg.params)
-    if iterations:
-        params["iterations"] = iterations
-    if "public_images" in config_fields(attack_cfg.name) and params.get("public_images") is None:
-        params["public_images"] = public
-    if threads:
-        torch.set_num_threads(threads)
-    attack = build_attack(attack_cfg.name, **params)
-    last = [time.perf_counter()]
-
-    def progress(it, total, loss):
+    def on_iteration(task, it, total, loss):
         now = time.perf_counter()
         if now - last[0] > 30 or it == total:
             last[0] = now
             print(f"    {it}/{total} loss {loss:.4f}", flush=True)
 
-    return attack, attack.run(case, progress=progress)
+    def on_done(task, rec):
+        print(f"  {rec.attack}: psnr {rec.psnr:.2f} ssim {rec.ssim:.3f} lpips {rec.lpips:.3f} "
+              f"id {rec.id_similarity:.3f} labels {rec.label_accuracy:.2f}  {rec.seconds:.0f} s", flush=True)
+
+    runner = AttackRunner(run, config.attacks, config.metrics, config.device, 1,
+                          public=public_set(config, data).images, events=RunnerEvents(on_start, on_iteration, on_done),
+                          together=False, record_variants=True)
+    for v in cases:
+        runner.submit(v.case, v.truth_images, v.truth_labels, v.round, v.client)
+    if runner.failures:
+        for rnd_, client, key, error in runner.failures:
+            print(f"failed: client {client} {key}: {error}", flush=True)
 
 
-def grid(path: Path, rows: list[torch.Tensor], row_names: list[str], col_names: list[str]) -> None:
+# ---------------------------------------------------------------------------------------
+# Tabulating
+
+
+def identity(config, data, client: int, rnd: int) -> int:
+    """The person in a victim's (first) image."""
+    from fl_sim.federated_data import client_sample
+
+    return int(data.dataset.identities[int(client_sample(config, data, client, rnd)[0])])
+
+
+def victim_frame(config, victims: list[int], run):
+    """One row per (victim, method) of this benchmark, DFLeak's diagnostics as columns."""
+    import pandas as pd
+
+    from fl_sim.federated_data import federated_data
+
+    frame = run.metrics_frame()
+    rnd = config.threat.rounds[0]
+    frame = frame[(frame["round"] == rnd) & frame["client"].isin(victims)].copy()
+    data = federated_data(config)
+    frame.insert(2, "identity", [identity(config, data, c, rnd) for c in frame["client"]])
+    diag = pd.DataFrame([json.loads(d) if d else {} for d in frame["diagnostics"]], index=frame.index)
+    keep = [c for c in ("trigger_iteration", "restoration_events", "replaced_share", "init_index",
+                        "init_feature_distance", "restore_seconds") if c in diag]
+    return pd.concat([frame.drop(columns=["diagnostics"]), diag[keep].add_prefix("x_")], axis=1)
+
+
+def method_order(config, frame) -> list[str]:
+    present = list(dict.fromkeys(frame["attack"]))
+    main = [a.key for a in config.attacks if a.key in present]
+    return main + [m for m in present if m not in main]
+
+
+def summarise(frame, order: list[str]):
+    agg = frame.groupby("attack")[list(METRICS) + ["seconds"]].agg(["mean", "std"])
+    agg.columns = [f"{a}_{b}" for a, b in agg.columns]
+    agg["victims"] = frame.groupby("attack").size()
+    return agg.reindex([a for a in order if a in agg.index]).reset_index()
+
+
+def describe(config, split: str, victims: list[int], iterations) -> str:
+    fed = config.federation
+    return (f"{config.data.name} at {config.data.image_size} px, {config.model.name}, FedSGD batch {fed.batch_size}, "
+            f"BatchNorm {fed.bn_mode}, {len(victims)} {'evaluation' if split == 'eval' else 'development'} victims "
+            f"(clients {', '.join(map(str, victims))}), {iterations} iterations per attack (the paper: 5000). "
+            "SSIM: standard Gaussian-window SSIM (the paper's code reports complex-wavelet SSIM). "
+            "Rows named `method [policy]` are the same runs returned by another `select` policy.")
+
+
+def markdown(agg, comparisons, header: str) -> str:
+    from fl_sim.stats import comparison_markdown
+
+    lines = [header, "", "Mean ± std over victims:", "",
+             "| method | PSNR ↑ | MSE ↓ | LPIPS ↓ | SSIM ↑ | id similarity ↑ | s / victim | n |",
+             "|---|---|---|---|---|---|---|---|"]
+    for _, r in agg.iterrows():
+        lines.append(f"| {r['attack']} | {r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} | {r['mse_mean']:.4f} | "
+                     f"{r['lpips_mean']:.3f} ± {r['lpips_std']:.3f} | {r['ssim_mean']:.3f} | "
+                     f"{r['id_similarity_mean']:.3f} ± {r['id_similarity_std']:.3f} | {r['seconds_mean']:.0f} | "
+                     f"{int(r['victims'])} |")
+    lines += ["", "Paired, victim by victim:", "", comparison_markdown(comparisons)]
+    lines += ["", "The paper, Table II (ResNet18 gender classifier, batch 1, 5000 iterations, GPU):", "",
+              "| data | size | method | PSNR | MSE | LPIPS | SSIM (CW-SSIM) |", "|---|---|---|---|---|---|---|"]
+    for (d, s, m), v in PAPER_TABLE_II.items():
+        lines.append(f"| {d} | {s} | {m} | {v[0]:.2f} | {v[1]:.4f} | {v[2]:.4f} | {v[3]:.4f} |")
+    lines += ["", "The paper, Table V (CelebA-HQ 112 px, PSNR): " +
+              ", ".join(f"{k} {v:.2f}" for k, v in PAPER_TABLE_V.items())]
+    return "\n".join(lines) + "\n"
+
+
+def grid(path: Path, run, frame, order: list[str]) -> None:
+    """Victims (rows) x ground truth and every method (columns)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from PIL import Image
 
-    n, m = len(rows), len(col_names)
-    fig, axes = plt.subplots(n, m, figsize=(1.3 * m, 1.3 * n + 0.3), squeeze=False)
-    for i, row in enumerate(rows):
-        for j in range(m):
+    victims = list(dict.fromkeys(frame["client"]))
+    cols = ["ground truth"] + order
+    fig, axes = plt.subplots(len(victims), len(cols), figsize=(1.3 * len(cols), 1.3 * len(victims) + 0.3),
+                             squeeze=False)
+    for i, client in enumerate(victims):
+        rows = frame[frame["client"] == client].set_index("attack")
+        for j, col in enumerate(cols):
             ax = axes[i][j]
-            img = row[j].permute(1, 2, 0).clamp(0, 1).numpy()
-            ax.imshow(img, cmap="gray" if img.shape[2] == 1 else None, vmin=0, vmax=1)
+            rel = rows["truth_image"].iloc[0] if col == "ground truth" else rows["image"].get(col, "")
+            if rel:
+                img = np.asarray(Image.open(run.path / rel).convert("RGB"))
+                ax.imshow(img)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
-                ax.set_title(col_names[j], fontsize=7)
+                ax.set_title(col, fontsize=6)
             if j == 0:
-                ax.set_ylabel(row_names[i], fontsize=7)
+                ax.set_ylabel(f"client {client}", fontsize=7)
     fig.tight_layout(pad=0.2)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def summarise(records: list[dict], order: list[str]):
-    import pandas as pd
-
-    frame = pd.DataFrame(records)
-    agg = frame.groupby("attack")[list(METRICS) + ["seconds", "it_per_s"]].agg(["mean", "std"])
-    agg.columns = [f"{a}_{b}" for a, b in agg.columns]
-    agg["victims"] = frame.groupby("attack").size()
-    agg = agg.reindex([a for a in order if a in agg.index]).reset_index()
-    return frame, agg
-
-
-def markdown(agg, meta: dict) -> str:
-    lines = [f"ORL {meta['size']} px, {meta['model']}, FedSGD batch {meta['batch']}, BatchNorm {meta['bn']}, "
-             f"{meta['victims']} victims, {meta['iterations']} iterations per attack "
-             f"(the paper: 5000); mean ± std over victims. SSIM: standard Gaussian-window SSIM "
-             f"(the paper's code reports complex-wavelet SSIM). Rows marked [paper select] are the same "
-             f"runs with the paper's rule (the lowest-loss iterate of the whole run) instead of the "
-             f"config's `select`.", "",
-             "| method | PSNR | MSE | LPIPS | SSIM | s / victim |", "|---|---|---|---|---|---|"]
-    for _, r in agg.iterrows():
-        lines.append(f"| {r['attack']} | {r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} | {r['mse_mean']:.4f} | "
-                     f"{r['lpips_mean']:.4f} | {r['ssim_mean']:.4f} | {r['seconds_mean']:.0f} |")
-    lines += ["", "Paper, Table II (ResNet18 gender classifier, batch 1, 5000 iterations, GPU):", "",
-              "| data | size | method | PSNR | MSE | LPIPS | SSIM (CW-SSIM) |", "|---|---|---|---|---|---|---|"]
-    for (d, s, m), v in PAPER_TABLE_II.items():
-        lines.append(f"| {d} | {s} | {m} | {v[0]:.2f} | {v[1]:.4f} | {v[2]:.4f} | {v[3]:.4f} |")
-    lines += ["", "Paper, Table V (CelebA-HQ 112, PSNR): " +
-              ", ".join(f"{k} {v:.2f}" for k, v in PAPER_TABLE_V.items())]
-    return "\n".join(lines) + "\n"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dfleak_table", description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", default=str(ROOT / "configs" / "bench" / "dfleak.yaml"))
-    p.add_argument("overrides", nargs="*", help="key.sub=value config overrides")
-    p.add_argument("--out", help="output directory (default runs/dfleak-table-<timestamp>)")
-    p.add_argument("--resume", help="continue an output directory")
-    p.add_argument("--iterations", type=int, help="override every attack's iterations")
-    p.add_argument("--victims", type=int, help="only the first N victims")
-    p.add_argument("--attacks", help="comma-separated attack labels to run (default: all in the config)")
-    p.add_argument("--bn", choices=["eval", "train"],
-                   help="the client's BatchNorm mode (default: the config's federation.bn_mode)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
-    p.add_argument("--shard", help="i/n: only victims i, i+n, ... (run n processes on one --out, then --resume "
-                                   "without --shard to tabulate)")
-    return p
-
-
-def report_sections(agg, meta: dict, grid_png: Path) -> list[tuple[str, str]]:
-    """The Table II / Table V comparison and the picture grid, for report.html."""
+def report_sections(agg, comparisons, header: str, grid_png: Path) -> list[tuple[str, str]]:
     import pandas as pd
 
     from fl_sim.report import _file_uri
+    from fl_sim.stats import comparison_frame
 
     ours = pd.DataFrame({
         "method": agg["attack"],
         "PSNR ↑": [f"{m:.2f} ± {s:.2f}" for m, s in zip(agg["psnr_mean"], agg["psnr_std"])],
         "MSE ↓": agg["mse_mean"].map("{:.4f}".format),
-        "LPIPS ↓": agg["lpips_mean"].map("{:.4f}".format),
-        "SSIM ↑": agg["ssim_mean"].map("{:.4f}".format),
+        "LPIPS ↓": agg["lpips_mean"].map("{:.3f}".format),
+        "SSIM ↑": agg["ssim_mean"].map("{:.3f}".format),
+        "id similarity ↑": agg["id_similarity_mean"].map("{:.3f}".format),
         "s / victim": agg["seconds_mean"].map("{:.0f}".format),
     })
+    paired = comparison_frame(comparisons)
     paper = pd.DataFrame([{"data": d, "size": z, "method": m, "PSNR": v[0], "MSE": v[1], "LPIPS": v[2],
                            "SSIM (CW-SSIM)": v[3]} for (d, z, m), v in PAPER_TABLE_II.items()])
     ablation = ", ".join(f"{k} {v:.2f}" for k, v in PAPER_TABLE_V.items())
     table_html = (
-        f"<p class='sub'>ORL {meta['size']} px, {meta['model']}, FedSGD batch {meta['batch']}, BatchNorm "
-        f"{meta['bn']}, {meta['victims']} victims, {meta['iterations']} iterations per attack (the paper: "
-        f"5000); mean ± std over victims. Rows marked [paper select] are the same runs with the paper's "
-        f"rule (lowest loss of the whole run) instead of the config's <code>select</code>.</p>"
-        + ours.to_html(index=False, border=0)
+        f"<p class='sub'>{header}</p>" + ours.to_html(index=False, border=0)
+        + "<p class='sub'>Paired, victim by victim (method minus reference; 95 % t interval):</p>"
+        + paired.to_html(index=False, border=0, float_format="{:.4f}".format)
         + "<p class='sub'>The paper, Table II (ResNet18 gender classifier, batch 1, 5000 iterations, GPU):</p>"
         + paper.to_html(index=False, border=0, float_format="{:.4f}".format)
         + f"<p class='sub'>The paper, Table V (CelebA-HQ 112 px, PSNR): {ablation}.</p>"
@@ -223,134 +321,52 @@ def report_sections(agg, meta: dict, grid_png: Path) -> list[tuple[str, str]]:
             ("Reconstructions, victims x methods", grid_html)]
 
 
-def _attack_record(rnd: int, pid: int, key: str, saved: dict, truth_image: str, image: str):
-    from fl_sim.results import AttackRecord
+def tabulate(args, config, victims: list[int], run) -> bool:
+    """Write the tables and the report when every (victim, attack) is done; False if not yet."""
+    from fl_sim.report import reference_attack, write_report
+    from fl_sim.stats import comparison_frame, paired_comparisons
 
-    m = saved["metrics"]
-    return AttackRecord(round=rnd, client=pid, attack=key, psnr=m["psnr"], mse=m["mse"], ssim=m["ssim"],
-                        lpips=m["lpips"], id_similarity=m.get("id_similarity", float("nan")),
-                        label_accuracy=1.0 if saved["label_ok"] else 0.0, iterations=int(saved["iterations"]),
-                        seconds=float(saved["seconds"]), num_images=int(len(saved["images"])),
-                        final_loss=float(saved["extras"].get("best_loss", float("nan"))),
-                        image=image, truth_image=truth_image)
-
-
-def _open_run(args, argv: list[str] | None):
-    """(parsed args, run directory); a fresh --out is created, --resume reopens one."""
-    from fl_sim.config import load_config
-    from fl_sim.results import RunDirectory, RunExists
-
-    resuming = bool(args.resume)
-    if resuming:
-        out = Path(args.resume)
-        if not (out / "bench.json").exists():
-            raise SystemExit(f"{out} holds no DFLeak benchmark (no bench.json)")
-        saved = json.loads((out / "bench.json").read_text())
-        shard = args.shard
-        args = build_parser().parse_args(saved["argv"])
-        args.out, args.shard = str(out), shard
-    config = load_config(args.config, args.overrides)
-    args.bn = args.bn or config.federation.bn_mode
-    # config.yaml records the BatchNorm mode the gradients were computed with.
-    config = config.model_copy(update={"federation": config.federation.model_copy(update={"bn_mode": args.bn})})
-    if resuming:
-        # A benchmark directory from before it was a run directory gets its config.yaml now.
-        opener = RunDirectory.open if (Path(args.out) / "config.yaml").exists() else RunDirectory.create
-        return args, config, opener(args.out, config) if opener is RunDirectory.create else opener(args.out)
-    out = Path(args.out or f"runs/dfleak-table-{datetime.now():%Y%m%d-%H%M%S}")
-    try:
-        run = RunDirectory.create(out, config)
-    except RunExists:
-        raise SystemExit(f"{out} already holds a run; continue it with --resume {out}") from None
-    argv_list = list(argv if argv is not None else sys.argv[1:])
-    # Keep the shard out of the saved arguments: every shard and the final tabulation share them.
-    saved_argv = [a for i, a in enumerate(argv_list) if a != "--shard" and (i == 0 or argv_list[i - 1] != "--shard")
-                  and not a.startswith("--shard=")]
-    (out / "bench.json").write_text(json.dumps({"argv": saved_argv}))
-    return args, config, run
+    rnd = config.threat.rounds[0]
+    done = run.done_attacks()
+    missing = [(pid, a.key) for pid in victims for a in config.attacks if (rnd, pid, a.key) not in done]
+    if missing:
+        return False
+    out = run.path
+    frame = victim_frame(config, victims, run)
+    order = method_order(config, frame)
+    agg = summarise(frame, order)
+    reference = reference_attack(config, frame)
+    comparisons = paired_comparisons(frame, reference, ("psnr", "lpips", "ssim", "id_similarity"))
+    iterations = config.attacks[0].params.get("iterations", 5000)
+    header = describe(config, args.split, victims, iterations)
+    frame.to_csv(out / "victims.csv", index=False)
+    agg.to_csv(out / "table.csv", index=False)
+    comparison_frame(comparisons).to_csv(out / "comparisons.csv", index=False)
+    text = markdown(agg, comparisons, header)
+    (out / "table.md").write_text(text)
+    grid(out / "grid.png", run, frame, order)
+    report = write_report(run, report_sections(agg, comparisons, header, out / "grid.png"))
+    print(text)
+    print(f"written: {out}/table.csv, victims.csv, comparisons.csv, table.md, grid.png; report: {report}")
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fl_sim.metrics import image_metrics
-    from fl_sim.report import write_report
+    from fl_sim.config import ConfigError
 
-    args, config, run = _open_run(build_parser().parse_args(argv), argv)
-    out = run.path
-    (out / "results").mkdir(exist_ok=True)
-    attacks = [a for a in config.attacks if not args.attacks or a.key in args.attacks.split(",")]
-    if not attacks:
-        raise SystemExit(f"--attacks {args.attacks!r} matches none of {[a.key for a in config.attacks]}")
-    data, cases = build_cases(config, args.bn, args.victims)
-    public = public_images(config, data)
-    id_backend = config.metrics.id_backend
-    rnd = config.threat.rounds[0]
-    print(f"{len(cases)} victims x {len(attacks)} attacks; {cases[0][1].describe()}", flush=True)
-    records: list[dict] = []
-    rows, names = [], []
-    for number, (pid, case, truth, labels, ident) in enumerate(cases):
-        if args.shard:
-            i, n = (int(v) for v in args.shard.split("/"))
-            if number % n != i:
-                continue
-        row = [truth[0]]
-        truth_image = run.save_image(f"r{rnd}_c{pid}_truth", truth)
-        for a in attacks:
-            path = out / "results" / f"client{pid}_{a.key}.pt"
-            if path.exists():
-                saved = torch.load(path, weights_only=False)
-            else:
-                print(f"client {pid} (identity {ident[0]}): {a.key}", flush=True)
-                attack, result = run_one(a, case, public, args.iterations, args.threads)
-                m = image_metrics(result.images, truth, names=list(METRICS), id_backend=id_backend)
-                # DFLeak: what each `select` policy would have returned from this same run.
-                alt = {policy: {k: float(np.mean(v)) for k, v in image_metrics(img, truth, names=list(METRICS)).items()}
-                       for policy, img in getattr(attack, "last_candidates", {}).items()}
-                saved = {"images": result.images, "metrics": {k: float(np.mean(v)) for k, v in m.items()},
-                         "select": getattr(attack.config, "select", None), "candidates": alt,
-                         "seconds": result.seconds, "iterations": result.iterations,
-                         "it_per_s": result.extras.get("it_per_s", 0.0), "extras": result.extras,
-                         "label_ok": bool(torch.equal(result.labels.sort().values, labels.sort().values))}
-                torch.save(saved, path)
-                print(f"  {a.key}: " + " ".join(f"{k} {v:.4f}" for k, v in saved["metrics"].items())
-                      + f"  {saved['seconds']:.0f} s", flush=True)
-            if id_backend and "id_similarity" not in saved["metrics"]:  # saved before it was measured
-                sim = image_metrics(saved["images"], truth, names=[], id_backend=id_backend)["id_similarity"]
-                saved["metrics"]["id_similarity"] = float(np.mean(sim))
-                torch.save(saved, path)
-            image = run.save_image(f"r{rnd}_c{pid}_{a.key}", saved["images"].detach().float().cpu().clamp(0, 1))
-            run.add_attack(_attack_record(rnd, pid, a.key, saved, truth_image, image))
-            metrics = {k: saved["metrics"][k] for k in METRICS}
-            records.append({"client": pid, "identity": ident[0], "attack": a.key, **metrics,
-                            "seconds": saved["seconds"], "iterations": saved["iterations"],
-                            "it_per_s": saved["it_per_s"], "label_ok": saved["label_ok"],
-                            **{f"x_{k}": v for k, v in saved["extras"].items()
-                               if k in ("trigger_iteration", "init_index", "init_feature_distance",
-                                        "restore_seconds", "best_loss")}})
-            # The paper's selection rule (lowest loss of the whole run) from the same run, when
-            # the config selected otherwise.
-            if saved.get("select") not in (None, "lowest-loss") and "lowest-loss" in saved.get("candidates", {}):
-                records.append({"client": pid, "identity": ident[0], "attack": f"{a.key} [paper select]",
-                                **saved["candidates"]["lowest-loss"], "seconds": saved["seconds"],
-                                "iterations": saved["iterations"], "it_per_s": saved["it_per_s"],
-                                "label_ok": saved["label_ok"]})
-            row.append(saved["images"][0])
-        rows.append(row)
-        names.append(f"client {pid}")
-    if args.shard:
-        print(f"shard {args.shard} done; tabulate with --resume {out} once every shard has finished")
-        return 0
-    order = [k for a in attacks for k in (a.key, f"{a.key} [paper select]")]
-    frame, agg = summarise(records, order)
-    frame.to_csv(out / "victims.csv", index=False)
-    agg.to_csv(out / "table.csv", index=False)
-    iterations = args.iterations or attacks[0].params.get("iterations", 5000)
-    meta = {"size": config.data.image_size, "model": config.model.name, "batch": config.federation.batch_size,
-            "bn": args.bn, "victims": len(cases), "iterations": iterations}
-    (out / "table.md").write_text(markdown(agg, meta))
-    grid(out / "grid.png", rows, names, ["ground truth"] + [a.key for a in attacks])
-    report = write_report(run, report_sections(agg, meta, out / "grid.png"))
-    print(markdown(agg, meta))
-    print(f"written: {out}/table.csv, victims.csv, table.md, grid.png; report: {report}")
+    argv = list(argv if argv is not None else sys.argv[1:])
+    try:
+        args, config, victims, run = open_run(build_parser().parse_args(argv), argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    try:
+        attack_victims(args, config, victims, run)
+        if not tabulate(args, config, victims, run):
+            print(f"shard {args.shard} done; the table is written when the last shard finishes "
+                  f"(or by --resume {run.path})")
+    finally:
+        run.close()
     return 0
 
 

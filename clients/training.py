@@ -1,35 +1,21 @@
-"""Local training of one client: the FedSGD gradient or FedAvg local SGD, then defenses.
-
-Computed exactly as the attacker models it (attacks/engine.py `VictimModel`): BatchNorm in
-the configured mode (train: batch statistics; eval: frozen running statistics), mean cross-entropy, the update keyed by parameter name in
-`named_parameters()` order; FedAvg step s uses images (s * b + j) mod n, plain SGD.
-"""
+"""Local training of one client: its round's images, defenses on its data, the FedSGD
+gradient or FedAvg local SGD (the math is `fl_sim.training`'s), defenses on its update, the
+reply it sends."""
 from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from clients.defenses import DefenseContext, apply_on_data, apply_on_update, build_defenses
+from clients.messages import TrainReply
+from fl_sim.defenses import DefenseContext, apply_on_data, apply_on_update, build_defenses
 from fl_sim.config import ExperimentConfig
-from fl_sim.federated_data import client_sample, federated_data, fedavg_steps, stack
+from fl_sim.federated_data import client_sample, client_seed, federated_data, fedavg_steps, stack
 from fl_sim.models import build_model
-
-
-@dataclass
-class ClientUpdate:
-    """What a client sends back (and, for the simulation's own checks, what it used)."""
-
-    arrays: dict[str, torch.Tensor]  # FedSGD: gradients + BN buffers; FedAvg: the new state_dict
-    num_examples: int
-    train_loss: float
-    local_steps: int
-    labels: list[int] = field(default_factory=list)  # the labels it trained on
+from fl_sim.training import fedavg_train, fedsgd_gradient
 
 
 @contextlib.contextmanager
@@ -49,66 +35,35 @@ def _model(name: str, num_classes: int) -> nn.Module:
     return build_model(name, num_classes)
 
 
-def train_mode(model: nn.Module, bn_mode: str = "train") -> nn.Module:
-    """model.train(), with BatchNorm frozen on its running statistics when bn_mode is "eval"."""
-    model.train()
-    if bn_mode == "eval":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
-    return model
-
-
-def fedsgd_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
-                    bn_mode: str = "train") -> tuple[dict[str, torch.Tensor], float]:
-    """One gradient of the mean cross-entropy at the current weights."""
-    train_mode(model, bn_mode)
-    named = list(model.named_parameters())
-    loss = F.cross_entropy(model(inputs), labels)
-    grads = torch.autograd.grad(loss, [p for _, p in named])
-    return {n: g.detach().clone() for (n, _), g in zip(named, grads)}, float(loss.detach())
-
-
-def fedavg_train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, lr: float, steps: int,
-                 batch_size: int, bn_mode: str = "train") -> float:
-    """`steps` plain SGD steps; step s on images (s * b + j) mod n. Returns the mean loss."""
-    train_mode(model, bn_mode)
-    n = len(inputs)
-    b = batch_size if 0 < batch_size < n else n
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    total = 0.0
-    for s in range(steps):
-        idx = [(s * b + j) % n for j in range(b)]
-        opt.zero_grad(set_to_none=True)
-        loss = F.cross_entropy(model(inputs[idx]), labels[idx])
-        loss.backward()
-        opt.step()
-        total += float(loss.detach())
-    return total / max(steps, 1)
-
-
 def local_update(config: ExperimentConfig, partition_id: int, server_round: int,
-                 global_state: dict[str, torch.Tensor]) -> ClientUpdate:
-    """The client's whole step for one round, from its data to the update it sends."""
+                 global_state: dict[str, torch.Tensor]) -> TrainReply:
+    """The client's whole step for one round, from its data to the reply it sends: the one
+    function the ClientApp runs, and the one benchmarks call to build the same updates."""
     fed = config.federation
     data = federated_data(config)
     images, labels = stack(data, client_sample(config, data, partition_id, server_round))
     if len(images) == 0:
         raise ValueError(f"client {partition_id} holds no images")
     defenses = build_defenses(config.defenses)
+    seed = client_seed(config, partition_id, server_round)
     ctx = DefenseContext(fed.algorithm, server_round, partition_id, config.seed, fed.local_lr,
-                         torch.Generator().manual_seed(hash((config.seed, server_round, partition_id)) % 2**63))
+                         torch.Generator().manual_seed(seed))
     images, labels = apply_on_data(defenses, images, labels, ctx)
+    sent_labels = labels.tolist() if config.threat.labels_known else None
     inputs = data.dataset.normalise(images)
 
-    with single_thread():
-        model = _model(config.model.name, data.num_classes)
+    # Dropout (MobileNetV2's classifier) draws from torch's global generator: seed it per
+    # (seed, round, client), so a client's update does not depend on which clients the same
+    # process (a Ray actor, the in-process grid) trained before it.
+    with single_thread(), torch.random.fork_rng(devices=[]):
+        model = _model(config.model.name, data.num_classes)  # built (first call) before seeding
         model.load_state_dict(global_state)
+        torch.manual_seed(seed)
         if fed.algorithm == "fedsgd":
             grads, loss = fedsgd_gradient(model, inputs, labels, fed.bn_mode)
             grads = apply_on_update(defenses, grads, ctx)
             buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
-            return ClientUpdate({**grads, **buffers}, len(images), loss, 1, labels.tolist())
+            return TrainReply({**grads, **buffers}, len(images), loss, partition_id, 1, sent_labels)
 
         steps = fedavg_steps(config, len(images))
         loss = fedavg_train(model, inputs, labels, fed.local_lr, steps, fed.batch_size, fed.bn_mode)
@@ -118,7 +73,7 @@ def local_update(config: ExperimentConfig, partition_id: int, server_round: int,
             diff = {n: state[n] - global_state[n] for n in params}
             diff = apply_on_update(defenses, diff, ctx)
             state.update({n: global_state[n] + diff[n] for n in params})
-        return ClientUpdate(state, len(images), loss, steps, labels.tolist())
+        return TrainReply(state, len(images), loss, partition_id, steps, sent_labels)
 
 
-__all__ = ["ClientUpdate", "local_update", "fedsgd_gradient", "fedavg_train", "single_thread"]
+__all__ = ["local_update", "single_thread"]

@@ -10,19 +10,12 @@ from typing import Callable
 from rich.console import Console
 from rich.table import Table
 
+from fl_sim.environment import set_quiet_environment
+
 console = Console(stderr=False)
 err = Console(stderr=True)
 
-# Flower and Ray phone home and write to ~/.flwr unless told not to; set before they load.
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-}
-for _k, _v in QUIET_ENV.items():
-    os.environ.setdefault(_k, _v)
+set_quiet_environment()  # before Flower and Ray load
 
 
 class UsageError(Exception):
@@ -65,39 +58,17 @@ def cmd_assets_fetch(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from fl_sim.config import load_config
-    from fl_sim.results import RunDirectory
+    from fl_sim import api
 
     if args.resume:
         if args.config or args.overrides:
             raise UsageError("--resume takes the run directory only; its config.yaml is reused")
-        run = RunDirectory.open(args.resume)
-        config = run.config()
-    else:
-        if not args.config:
-            raise UsageError("give a config file (for example configs/demo.yaml) or --resume RUN_DIR")
-        config = load_config(args.config, args.overrides)
-        _check_attacks(config)
-        if args.device:
-            config.device = args.device
-        out = Path(args.out) if args.out else RunDirectory.default_path(args.config, config.name)
-        run = RunDirectory.create(out, config)
-    from fl_sim.simulation import run_experiment  # heavy (Flower, Ray): after validation
-
-    console.print(f"run directory: [bold]{run.path}[/]")
-    run_experiment(config, run, resume=bool(args.resume))
+        api.resume(args.resume)
+        return 0
+    if not args.config:
+        raise UsageError("give a config file (for example configs/demo.yaml) or --resume RUN_DIR")
+    api.run(args.config, out=args.out, overrides=args.overrides, device=args.device)
     return 0
-
-
-def _check_attacks(config) -> None:
-    """Build every configured attack once, so a wrong name or setting fails before the run."""
-    from attacks.registry import build_attack
-
-    for i, attack in enumerate(config.attacks):
-        try:
-            build_attack(attack.name, **attack.params)
-        except ValueError as exc:
-            raise UsageError(f"attacks.{i}: {exc}") from None
 
 
 def cmd_config(args: argparse.Namespace) -> int:
@@ -117,7 +88,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from fl_sim.offline import attack_case_file
+    from server.offline import attack_case_file
 
     attack_case_file(Path(args.case), args.attack, args.params, Path(args.out) if args.out else None,
                      truth=Path(args.truth) if args.truth else None, device=args.device)
@@ -144,7 +115,7 @@ BENCHES = {
 
 
 def cmd_restorer_train(args: argparse.Namespace) -> int:
-    from fl_sim.restorer_train import main as train_main
+    from attacks.restorers.train import main as train_main
 
     return int(train_main(args.rest) or 0)
 

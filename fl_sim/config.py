@@ -92,7 +92,18 @@ class FederationConfig(Section):
 class VictimConfig(Section):
     mode: Literal["sampled", "explicit", "all"] = "sampled"
     k: int = Field(4, ge=1)  # sampled: victims per attacked round, among that round's clients
-    ids: list[int] = Field(default_factory=list)  # explicit: partition ids
+    ids: list[int] = Field(default_factory=list)  # explicit: partition ids (the evaluation victims)
+    # Development victims: the ones settings are chosen on by looking at reconstructions.
+    # Benchmarks tune on these and report on `ids`; the two sets never overlap.
+    dev_ids: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _dev_and_eval_disjoint(self) -> "VictimConfig":
+        shared = sorted(set(self.ids) & set(self.dev_ids))
+        if shared:
+            raise ValueError(f"ids and dev_ids must be disjoint (evaluation victims are never tuning "
+                             f"victims); both hold {shared}")
+        return self
 
 
 class ThreatConfig(Section):
@@ -133,6 +144,9 @@ class EngineConfig(Section):
 class MetricsConfig(Section):
     lpips: bool = True
     id_backend: Literal["facenet", "sface"] | None = "facenet"
+    # The attack every other attack is compared with, victim by victim (paired differences
+    # with confidence intervals in the report); None: the first configured attack.
+    reference: str | None = None
 
 
 class ExperimentConfig(Section):

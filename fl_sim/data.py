@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from fl_sim import assets
+from fl_sim.registry import Registry
 
 
 @dataclass
@@ -64,15 +65,8 @@ class DataSpec:
 
 
 Loader = Callable[[DataSpec], FaceDataset]
-DATASETS: dict[str, Loader] = {}
-
-
-def register_dataset(name: str) -> Callable[[Loader], Loader]:
-    def wrap(fn: Loader) -> Loader:
-        DATASETS[name] = fn
-        return fn
-
-    return wrap
+DATASETS: Registry[Loader] = Registry("data set")
+register_dataset = DATASETS.register
 
 
 class DataError(ValueError):
@@ -80,10 +74,9 @@ class DataError(ValueError):
 
 
 def load_dataset(spec: DataSpec) -> FaceDataset:
-    if spec.name not in DATASETS:
-        raise KeyError(f"unknown data set {spec.name!r}; choose one of {sorted(DATASETS)}")
+    loader = DATASETS.get(spec.name)
     try:
-        ds = DATASETS[spec.name](spec)
+        ds = loader(spec)
     except (RuntimeError, FileNotFoundError) as exc:  # torchvision: "Dataset not found or corrupted"
         if spec.name in ("orl", "synthetic"):
             raise
@@ -225,15 +218,8 @@ def split_train_test(ds: FaceDataset, test_fraction: float, seed: int) -> tuple[
 
 
 Partitioner = Callable[[FaceDataset, np.ndarray, int, np.random.Generator, float], list[np.ndarray]]
-PARTITIONERS: dict[str, Partitioner] = {}
-
-
-def register_partitioner(name: str) -> Callable[[Partitioner], Partitioner]:
-    def wrap(fn: Partitioner) -> Partitioner:
-        PARTITIONERS[name] = fn
-        return fn
-
-    return wrap
+PARTITIONERS: Registry[Partitioner] = Registry("partitioning")
+register_partitioner = PARTITIONERS.register
 
 
 @register_partitioner("iid")

@@ -99,6 +99,12 @@ def client_sample(config: ExperimentConfig, data: FederatedData, partition_id: i
     return rng.permutation(part)
 
 
+def client_seed(config: ExperimentConfig, partition_id: int, server_round: int) -> int:
+    """The seed of a client's randomness in a round (dropout masks, a defense's noise): the
+    same in every process, different for every (seed, round, client)."""
+    return int(np.random.SeedSequence([config.seed, server_round, partition_id, 41]).generate_state(1)[0])
+
+
 def fedavg_steps(config: ExperimentConfig, n: int) -> int:
     fed = config.federation
     if fed.local_steps is not None:
@@ -159,5 +165,5 @@ def stack(data: FederatedData, index: np.ndarray) -> tuple[torch.Tensor, torch.T
     return data.dataset.images[idx], data.dataset.labels[idx]
 
 
-__all__ = ["FederatedData", "federated_data", "build_federated_data", "client_sample", "sample_clients",
+__all__ = ["FederatedData", "federated_data", "build_federated_data", "client_sample", "client_seed", "sample_clients",
            "choose_victims", "force_victims", "public_set", "fedavg_steps", "stack", "data_spec"]

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from fl_sim import assets
+from fl_sim.registry import Registry
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -36,11 +37,19 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Standard Gaussian-window SSIM (11 x 11, sigma 1.5), torchmetrics' implementation."""
+    """Standard Gaussian-window SSIM (11 x 11, sigma 1.5; Wang et al. 2004), one value per image.
+
+    The SSIM map comes from torchmetrics; it is averaged only where the 11 x 11 window fits
+    inside the image, as the reference implementation and scikit-image do. (torchmetrics'
+    own mean also counts the border positions it computes on reflect padding: up to 0.02
+    off at 48 px.) Colour images: the mean over channels.
+    """
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     a, b = _pair(a, b)
-    return structural_similarity_index_measure(a, b, data_range=1.0, reduction="none")
+    _, full = structural_similarity_index_measure(a, b, data_range=1.0, reduction="none", return_full_image=True)
+    r = 5  # the window's half-width: positions closer to the border use padding
+    return full[..., r:-r, r:-r].mean(dim=(1, 2, 3))
 
 
 @lru_cache(maxsize=1)
@@ -148,14 +157,14 @@ class FaceNetEmbedder:
         return _l2n(np.stack(out))
 
 
-EMBEDDERS: dict[str, Callable[[], FaceEmbedder]] = {"sface": SFaceEmbedder, "facenet": FaceNetEmbedder}
+EMBEDDERS: Registry[Callable[[], FaceEmbedder]] = Registry("face-recognition backend")
+EMBEDDERS.register("sface")(SFaceEmbedder)
+EMBEDDERS.register("facenet")(FaceNetEmbedder)
 
 
 @lru_cache(maxsize=4)
 def embedder(name: str) -> FaceEmbedder:
-    if name not in EMBEDDERS:
-        raise KeyError(f"unknown face-recognition backend {name!r}; choose one of {sorted(EMBEDDERS)}")
-    return EMBEDDERS[name]()
+    return EMBEDDERS.get(name)()
 
 
 def id_similarity(a: torch.Tensor, b: torch.Tensor, backend: str = "facenet") -> torch.Tensor:

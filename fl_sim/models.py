@@ -8,16 +8,11 @@ import torch
 from torch import nn
 from torchvision import models as tvm
 
+from fl_sim.registry import Registry
+
 ModelFactory = Callable[[int], nn.Module]
-MODELS: dict[str, ModelFactory] = {}
-
-
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
-    def wrap(factory: ModelFactory) -> ModelFactory:
-        MODELS[name] = factory
-        return factory
-
-    return wrap
+MODELS: Registry[ModelFactory] = Registry("model")
+register_model = MODELS.register
 
 
 @register_model("resnet18")
@@ -54,9 +49,7 @@ class LeNet(nn.Module):
 
 def build_model(name: str, num_classes: int, weights: str | Path | None = None) -> nn.Module:
     """Build a registered architecture; any input size >= 32 px works (adaptive pooling)."""
-    if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    model = MODELS[name](num_classes)
+    model = MODELS.get(name)(num_classes)
     if weights is not None:
         state = torch.load(Path(weights), map_location="cpu", weights_only=True)
         model.load_state_dict(state)

@@ -15,11 +15,14 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from jinja2 import Environment, select_autoescape  # noqa: E402
 
 from fl_sim.report_template import REPORT_TEMPLATE  # noqa: E402
+from fl_sim.config import ExperimentConfig  # noqa: E402
 from fl_sim.results import RunDirectory  # noqa: E402
+# the caption and cells are shared so the HTML table says what comparison_markdown says
+from fl_sim.stats import HIGHER_IS_BETTER, PairedComparison, paired_comparisons  # noqa: E402
+from fl_sim.stats import _TABLE_COLUMNS, _caption, _cells  # noqa: E402
 
 IMAGE_METRICS = ["psnr", "mse", "ssim", "lpips", "id_similarity", "label_accuracy"]
-HIGHER_IS_BETTER = {"psnr": True, "mse": False, "ssim": True, "lpips": False, "id_similarity": True,
-                    "label_accuracy": True}
+PAIRED_METRICS = ("psnr", "ssim", "lpips", "id_similarity")
 
 
 def _figure_uri(fig) -> str:
@@ -78,6 +81,47 @@ def summary_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return table.reset_index()
 
 
+def reference_attack(config: ExperimentConfig, metrics: pd.DataFrame) -> str:
+    """The attack others are compared with: `metrics.reference` if set (even when it has no
+    results, so a misspelt name is reported rather than replaced), else the first configured
+    attack that has results, else the first attack in the metrics."""
+    if config.metrics.reference:
+        return config.metrics.reference
+    present = list(dict.fromkeys(metrics["attack"]))
+    return next((a.key for a in config.attacks if a.key in present), present[0])
+
+
+def _has_pairs(metrics: pd.DataFrame) -> bool:
+    """At least one victim attacked by two attacks or more."""
+    return not metrics.empty and bool((metrics.groupby(["round", "client"])["attack"].nunique() >= 2).any())
+
+
+def run_comparisons(run: RunDirectory, metrics: tuple[str, ...] = PAIRED_METRICS,
+                    reference: str | None = None) -> list[PairedComparison]:
+    """Every attack of a run against the reference attack, victim by victim.
+
+    [] when no victim has two attacks; ValueError (naming the attacks present) when the
+    reference, given or configured, has no results in the run.
+    """
+    frame = run.metrics_frame()
+    if not _has_pairs(frame):
+        return []
+    return paired_comparisons(frame, reference or reference_attack(run.config(), frame), metrics)
+
+
+def _paired_section(run: RunDirectory, metrics: pd.DataFrame) -> dict | None:
+    if not _has_pairs(metrics):
+        return None
+    reference = reference_attack(run.config(), metrics)
+    title = f"Paired differences against {reference}"
+    try:
+        comparisons = paired_comparisons(metrics, reference, PAIRED_METRICS)
+    except ValueError as err:  # a report at the end of a long run should say so, not crash
+        return {"title": title, "caption": str(err), "columns": [], "rows": []}
+    return {"title": title, "caption": _caption(comparisons) if comparisons else "No metric to compare.",
+            "columns": list(_TABLE_COLUMNS), "rows": [_cells(c) for c in comparisons]}
+
+
 def _fmt(v: object, column: str = "") -> str:
     if isinstance(v, float):
         if math.isnan(v):
@@ -125,6 +169,7 @@ def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None
         rounds_rows=_rows(rounds.drop(columns=["sampled"])),
         rounds_columns=[c for c in rounds.columns if c != "sampled"],
         victims=victims,
+        paired=_paired_section(run, metrics),
         extra_sections=extra_sections or [],
         higher_is_better=HIGHER_IS_BETTER,
     )

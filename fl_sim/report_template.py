@@ -16,6 +16,7 @@ REPORT_TEMPLATE = """<!doctype html>
  table { border-collapse: collapse; margin: .5rem 0 1.5rem; font-size: .9rem; }
  th, td { border-bottom: 1px solid #ddd; padding: .3rem .6rem; text-align: right; }
  th:first-child, td:first-child { text-align: left; }
+ table.paired td:nth-child(2), table.paired td:last-child, table.paired th:nth-child(2), table.paired th:last-child { text-align: left; }
  .figs { display: flex; gap: 1.5rem; flex-wrap: wrap; }
  .victim { display: flex; gap: .8rem; align-items: flex-start; margin: .8rem 0; padding-bottom: .8rem; border-bottom: 1px solid #eee; }
  .victim figure { margin: 0; text-align: center; font-size: .75rem; }
@@ -40,6 +41,17 @@ REPORT_TEMPLATE = """<!doctype html>
 <p class="sub">Means over victims. SSIM is the standard Gaussian-window SSIM; LPIPS is v0.1 on AlexNet;
  id_similarity is the cosine similarity of face embeddings (critic model named in the config).</p>
 {% else %}<p>No attack results yet.</p>{% endif %}
+
+{% if paired %}
+<h2>{{ paired.title }}</h2>
+{% if paired.rows %}
+<table class="paired">
+ <tr>{% for c in paired.columns %}<th>{{ c }}</th>{% endfor %}</tr>
+ {% for row in paired.rows %}<tr>{% for v in row %}<td>{{ v }}</td>{% endfor %}</tr>{% endfor %}
+</table>
+{% endif %}
+<p class="sub">{{ paired.caption }}</p>
+{% endif %}
 
 <div class="figs">
 {% if accuracy %}<figure><img src="{{ accuracy }}" alt="test accuracy per round"><figcaption>Test accuracy per round</figcaption></figure>{% endif %}

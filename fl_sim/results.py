@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import os
 import sqlite3
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -45,9 +48,10 @@ class AttackRecord:
     iterations: int = 0
     seconds: float = 0.0
     num_images: int = 1
-    final_loss: float = float("nan")
+    final_loss: float = float("nan")  # the attack's objective at the image it returned
     image: str = ""  # reconstruction PNG, relative to the run directory
     truth_image: str = ""
+    diagnostics: str = ""  # JSON of attack-specific numbers (DFLeak: trigger_iteration, ...), for the reader
 
 
 @dataclass
@@ -71,6 +75,20 @@ def _table_sql(name: str, cls: type, key: tuple[str, ...]) -> str:
     return f"CREATE TABLE IF NOT EXISTS {name} ({cols}, PRIMARY KEY ({', '.join(key)}))"
 
 
+def _empty(cls: type, name: str):
+    """What an empty (NULL) cell reads as: NaN for numbers, the field's default otherwise."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return "" if str(f.type) == "str" else float("nan")
+
+
+def _add_missing_columns(db: sqlite3.Connection, table: str, cls: type) -> None:
+    """A store written by an older fl-sim gains the columns added since (left empty)."""
+    have = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+    for f in dataclasses.fields(cls):
+        if f.name not in have:
+            db.execute(f"ALTER TABLE {table} ADD COLUMN {f.name} {_SQL_TYPES[str(f.type)]}")
+
+
 class RunExists(FileExistsError):
     pass
 
@@ -86,14 +104,22 @@ class RunDirectory:
     # -- creation and reopening -----------------------------------------------------
     @classmethod
     def create(cls, path: str | Path, config: ExperimentConfig) -> "RunDirectory":
+        """A new run directory; RunExists if one is there (even one made a moment ago by
+        another process: config.yaml appears atomically, complete or not at all)."""
         run = cls(path)
+        exists = RunExists(f"run directory {run.path} already holds a run; continue it with "
+                           f"`fl-sim run --resume {run.path}` or choose another --out")
         if (run.path / "config.yaml").exists():
-            raise RunExists(
-                f"run directory {run.path} already holds a run; continue it with "
-                f"`fl-sim run --resume {run.path}` or choose another --out"
-            )
+            raise exists
         run.images.mkdir(parents=True, exist_ok=True)
-        (run.path / "config.yaml").write_text(config.to_yaml())
+        tmp = run.path / f".config.{os.getpid()}.{threading.get_ident()}.yaml"
+        tmp.write_text(config.to_yaml())
+        try:
+            os.link(tmp, run.path / "config.yaml")  # atomic, and fails if it exists
+        except FileExistsError:
+            raise exists from None
+        finally:
+            tmp.unlink()
         run.db  # create the tables
         return run
 
@@ -118,13 +144,30 @@ class RunDirectory:
     @property
     def db(self) -> sqlite3.Connection:
         if self._db is None:
-            self._db = sqlite3.connect(self.path / "results.sqlite", timeout=30)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute(_table_sql("attacks", AttackRecord, ("round", "client", "attack")))
-            self._db.execute(_table_sql("rounds", RoundRecord, ("round",)))
-            self._db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB)")
-            self._db.commit()
+            self._db = self._connect()
         return self._db
+
+    def _connect(self) -> sqlite3.Connection:
+        """Open the store, creating its tables. Several processes may do so at once (shards
+        of a benchmark): switching to WAL needs a moment alone with the file and SQLite
+        answers "locked" at once rather than waiting, so that step is retried."""
+        deadline = time.monotonic() + 60
+        while True:
+            db = sqlite3.connect(self.path / "results.sqlite", timeout=30)
+            try:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(_table_sql("attacks", AttackRecord, ("round", "client", "attack")))
+                db.execute(_table_sql("rounds", RoundRecord, ("round",)))
+                _add_missing_columns(db, "attacks", AttackRecord)
+                _add_missing_columns(db, "rounds", RoundRecord)
+                db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB)")
+                db.commit()
+                return db
+            except sqlite3.OperationalError as exc:
+                db.close()
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         if self._db is not None:
@@ -161,7 +204,7 @@ class RunDirectory:
     def _read(self, table: str, cls: type, order: str) -> Iterator:
         names = [f.name for f in dataclasses.fields(cls)]
         for row in self.db.execute(f"SELECT {', '.join(names)} FROM {table} ORDER BY {order}"):
-            yield cls(**{n: (float("nan") if v is None else v) for n, v in zip(names, row)})
+            yield cls(**{n: (_empty(cls, n) if v is None else v) for n, v in zip(names, row)})
 
     def set_state(self, key: str, value: bytes) -> None:
         with self.db:

@@ -48,6 +48,7 @@ def _app_path(path: str) -> str:
 def job_from_run_config(run_config: dict) -> Job:
     from fl_sim.config import load_config
     from fl_sim.results import RunDirectory
+    from server.preflight import preflight
 
     config_path = _app_path(str(run_config.get("config", "configs/demo.yaml")))
     overrides = [o for o in str(run_config.get("overrides", "")).split() if o]
@@ -60,6 +61,7 @@ def job_from_run_config(run_config: dict) -> Job:
         config = run.config()
     else:
         config = load_config(config_path, overrides)
+        preflight(config)  # nothing is written for a config that cannot run
         path = Path(out) if out else RunDirectory.default_path(config_path, config.name)
         run = RunDirectory.create(path, config)
     return Job(config=config, run=run, resume=resume)
@@ -70,7 +72,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    from fl_sim.simulation import finish_run, quiet_environment
+    from server.session import finish_run, quiet_environment
 
     job = job_from_run_config(dict(context.run_config))
     quiet_environment(job.run)

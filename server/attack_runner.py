@@ -12,6 +12,7 @@ them all; they run while the clients are idle, during aggregation).
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import re
@@ -83,16 +84,17 @@ def batchable(attack) -> bool:
             and getattr(attack.config, "bn_stats", 0) == 0)
 
 
-def build(attack: AttackConfig, public: torch.Tensor | None = None):
-    """An attack object from its config (public set filled in where it takes one)."""
-    from attacks.registry import build_attack, config_fields
+def build(attack: AttackConfig, public: torch.Tensor | None = None, where: str | None = None):
+    """An attack object from its config (public set filled in where it takes one); a bad
+    setting is a ValueError naming `where` (default: the attack's label)."""
+    from attacks.registry import build_attack_at, config_fields
 
     params = dict(attack.params)
     if public is not None:
         for name in PUBLIC_SET_FIELDS:
             if name in config_fields(attack.name) and params.get(name) is None:
                 params[name] = public
-    return build_attack(attack.name, **params)
+    return build_attack_at(attack.name, params, where or attack.key)
 
 
 def _ray_attack(attack: AttackConfig, case, device: str, public: torch.Tensor | None):
@@ -118,7 +120,7 @@ class AttackRunner:
     def __init__(self, run: RunDirectory, attack_configs: list[AttackConfig], metrics_cfg: MetricsConfig,
                  device: str = "cpu", parallelism: int = 1, public: torch.Tensor | None = None,
                  events: RunnerEvents | None = None, stop: threading.Event | None = None,
-                 together: bool = True) -> None:
+                 together: bool = True, record_variants: bool = False) -> None:
         self.run = run
         self.attacks = list(attack_configs)
         self.metrics_cfg = metrics_cfg
@@ -126,6 +128,7 @@ class AttackRunner:
         self.parallelism = max(1, int(parallelism))
         self.public = public
         self.together = together
+        self.record_variants = record_variants  # also score an attack's variants (benchmarks)
         self.groups: list[tuple[str, tuple[int, ...]]] = []  # (attack, clients) attacked as one batch
         self.events = events or RunnerEvents()
         self.stop = stop
@@ -206,7 +209,7 @@ class AttackRunner:
                 self._failed(t, exc)
             return []
         self.groups.append((tasks[0].attack.key, clients))
-        if self.stop is not None and self.stop.is_set() and any((r.extras or {}).get("interrupted") for r in results):
+        if self.stop is not None and self.stop.is_set() and any(r.interrupted for r in results):
             return []  # stopped mid-way: nothing finished, nothing recorded
         # Each victim's `seconds` is its share of the batch's time (the cost per victim).
         return [self._record(t, dataclasses.replace(r, seconds=r.seconds / len(tasks)))
@@ -230,9 +233,9 @@ class AttackRunner:
         except Exception as exc:  # noqa: BLE001 - one failing attack must not end the federation
             self._failed(task, exc)
             return None
-        if self.stop is not None and self.stop.is_set() and (result.extras or {}).get("interrupted"):
+        if self.stop is not None and self.stop.is_set() and result.interrupted:
             return None  # stopped mid-way: not finished, so not recorded (a resume redoes it)
-        return self._record(task, result)
+        return self._record(task, result, getattr(attack.config, "select", None))
 
     def _failed(self, task: AttackTask, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -289,12 +292,26 @@ class AttackRunner:
         return out
 
     # -- results --------------------------------------------------------------------------
-    def _record(self, task: AttackTask, result) -> AttackRecord:
-        recon = result.images.detach().float().cpu().clamp(0, 1)
+    def _record(self, task: AttackTask, result, selected: str | None = None) -> AttackRecord:
+        """Score a finished attack, save its pictures, write it to the store (and, when asked,
+        one row per variant of the same run, e.g. what another `select` policy returned)."""
+        rec = self._scored(task, task.attack.key, result.images, result.labels, result)
+        if self.record_variants:
+            for name, images in result.variants.items():
+                if name != selected:
+                    self._scored(task, f"{task.attack.key} [{name}]", images, result.labels, result)
+        self._done.add((task.round, task.client, task.attack.key))
+        if self.events.on_done:
+            self.events.on_done(task, rec)
+        return rec
+
+    def _scored(self, task: AttackTask, key: str, images: torch.Tensor, labels: torch.Tensor | None,
+                result) -> AttackRecord:
+        recon = images.detach().float().cpu().clamp(0, 1)
         truth = task.truth_images.detach().float().cpu() if task.truth_images is not None else None
-        rec = AttackRecord(round=task.round, client=task.client, attack=task.attack.key,
+        rec = AttackRecord(round=task.round, client=task.client, attack=key,
                            iterations=int(result.iterations), seconds=float(result.seconds),
-                           num_images=int(len(recon)))
+                           num_images=int(len(recon)), diagnostics=json.dumps(result.diagnostics, sort_keys=True))
         if truth is None:
             pass  # no ground truth (an offline case): the reconstruction only
         elif recon.shape == truth.shape:
@@ -304,23 +321,17 @@ class AttackRunner:
                 setattr(rec, k, _mean(v))
         else:
             log.warning("attack %s returned images of shape %s, the truth is %s: no image metrics",
-                        task.attack.key, tuple(recon.shape), tuple(truth.shape))
-        if task.truth_labels is not None and result.labels is not None and len(result.labels):
-            rec.label_accuracy = label_accuracy(result.labels.detach().cpu().long(), task.truth_labels.cpu().long())
-        hist = list(result.loss_history or [])
-        best = result.extras.get("best_loss") if result.extras else None
-        rec.final_loss = float(best) if best is not None else (float(hist[-1]) if hist else float("nan"))
-        if rec.final_loss is not None and math.isinf(rec.final_loss):
-            rec.final_loss = float("nan")
-        key = (task.round, task.client)
-        if truth is not None and key not in self._truth_saved:
-            self._truth_saved[key] = self.run.save_image(f"r{task.round}_c{task.client}_truth", truth)
-        rec.truth_image = self._truth_saved.get(key, "")
-        rec.image = self.run.save_image(f"r{task.round}_c{task.client}_{_safe(task.attack.key)}", recon)
+                        key, tuple(recon.shape), tuple(truth.shape))
+        if task.truth_labels is not None and labels is not None and len(labels):
+            rec.label_accuracy = label_accuracy(labels.detach().cpu().long(), task.truth_labels.cpu().long())
+        if key == task.attack.key:  # the loss belongs to the image the attack returned
+            rec.final_loss = float(result.final_loss) if math.isfinite(result.final_loss) else float("nan")
+        pair = (task.round, task.client)
+        if truth is not None and pair not in self._truth_saved:
+            self._truth_saved[pair] = self.run.save_image(f"r{task.round}_c{task.client}_truth", truth)
+        rec.truth_image = self._truth_saved.get(pair, "")
+        rec.image = self.run.save_image(f"r{task.round}_c{task.client}_{_safe(key)}", recon)
         self.run.add_attack(rec)
-        self._done.add((task.round, task.client, task.attack.key))
-        if self.events.on_done:
-            self.events.on_done(task, rec)
         return rec
 
 

@@ -19,17 +19,19 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from clients.messages import TRAIN_LOSS, PartitionInfo, TrainInstruction, TrainReply, reply_partition
 from fl_sim.config import ExperimentConfig
-from fl_sim.federated_data import FederatedData, choose_victims, client_sample, federated_data, public_set, stack
+from fl_sim.federated_data import FederatedData, choose_victims, federated_data, public_set
 from fl_sim.models import build_model
 from fl_sim.results import AttackRecord, RoundRecord, RunDirectory
 from server.attack_runner import PUBLIC_SET_FIELDS, AttackRunner, AttackTask, RunnerEvents, Victim
-from server.strategy import CuriousFedAvg, reply_partition
+from server.cases import initial_global_state, make_case, victim_truth
+from server.strategy import CuriousFedAvg
 
 log = logging.getLogger("fl_sim.server")
 
@@ -131,8 +133,8 @@ class Federation:
         # thread, and a SQLite connection belongs to the thread that opened it.
         self.run = RunDirectory(job.run.path)
         self.data: FederatedData = federated_data(self.config)
-        torch.manual_seed(self.config.seed)
-        self.model = build_model(self.config.model.name, self.data.num_classes, self.config.model.weights)
+        self.initial_state = initial_global_state(self.config, self.data)
+        self.model = build_model(self.config.model.name, self.data.num_classes)  # for evaluation
         self.param_names = [n for n, _ in self.model.named_parameters()]
         self.display: Display | None = None
         self.runner = AttackRunner(self.run, self.config.attacks, self.config.metrics, self.config.device,
@@ -162,7 +164,7 @@ class Federation:
             if r.has_error():
                 log.warning("node %d did not answer the partition query: %s", r.metadata.src_node_id, r.error.reason)
                 continue
-            mapping[int(r.content["info"]["partition-id"])] = r.metadata.src_node_id
+            mapping[PartitionInfo.from_message(r).partition_id] = r.metadata.src_node_id
         if not mapping:
             raise FederationError("no client answered the partition query")
         expected = self.config.federation.num_clients
@@ -176,7 +178,7 @@ class Federation:
             blob, last = self.run.get_state(STATE_WEIGHTS), self.run.get_state(STATE_ROUND)
             if blob is not None and last is not None:
                 return int(last.decode()) + 1, state_from_bytes(blob)
-        return 1, {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        return 1, {k: v.clone() for k, v in self.initial_state.items()}
 
     # -- the rounds -----------------------------------------------------------------------
     def serve(self, grid: Grid) -> None:
@@ -194,7 +196,7 @@ class Federation:
         strategy = CuriousFedAvg(cfg, node_of, population, self.param_names, observer=self.observe)
         self.strategy = strategy
         arrays = ArrayRecord(state)
-        train_config = ConfigRecord({"experiment": cfg.model_dump_json()})
+        experiment_json = cfg.model_dump_json()
         if start > 1:
             self.job.console.print(f"resuming after round {start - 1}")
         with Display(self.job.console, total, start - 1) as display:
@@ -205,7 +207,8 @@ class Federation:
                 t0 = time.perf_counter()
                 display.round_started(rnd, total)
                 self.round_attacks = []
-                messages = strategy.configure_train(rnd, arrays, train_config, grid)
+                messages = strategy.configure_train(rnd, arrays, TrainInstruction(rnd, experiment_json).to_config_record(),
+                                                    grid)
                 replies = self.exchange(grid, messages)
                 if self.job.stop.is_set():
                     break
@@ -224,7 +227,7 @@ class Federation:
                     acc, loss = self.evaluate(state)
                 rec = RoundRecord(round=rnd, test_accuracy=acc, test_loss=loss, clients=len(strategy.sampled),
                                   seconds=time.perf_counter() - t0,
-                                  train_loss=float(metrics["train-loss"]) if metrics else float("nan"),
+                                  train_loss=float(metrics[TRAIN_LOSS]) if metrics else float("nan"),
                                   sampled=" ".join(map(str, strategy.sampled)))
                 # The round record first, then the checkpoint: a kill in between redoes the
                 # round on resume (and replaces the record), never skips it.
@@ -288,8 +291,8 @@ class Federation:
                 continue
             if global_state is None:
                 global_state = global_arrays.to_torch_state_dict()
-            case = self.make_case(rnd, pid, by_pid[pid], global_state)
-            truth_images, truth_labels = stack(self.data, client_sample(cfg, self.data, pid, rnd))
+            case = make_case(cfg, self.data, rnd, TrainReply.from_message(by_pid[pid]), global_state, self.param_names)
+            truth_images, truth_labels = victim_truth(cfg, self.data, pid, rnd)
             if cfg.threat.save_cases:
                 folder = self.run.path / "cases"
                 case.save(folder / f"r{rnd}_c{pid}.pt")
@@ -299,32 +302,6 @@ class Federation:
                 self._described = True
             victims_cases.append(Victim(rnd, pid, case, truth_images, truth_labels))
         self.runner.submit_round(victims_cases)
-
-    def make_case(self, rnd: int, pid: int, reply: Message, global_state: dict[str, torch.Tensor]):
-        """What the server knows of one client's update, and nothing more."""
-        from attacks.case import AttackCase
-
-        cfg, fed = self.config, self.config.federation
-        arrays = reply.content["arrays"].to_torch_state_dict()
-        metrics = reply.content["metrics"]
-        if fed.algorithm == "fedsgd":
-            update = {n: arrays[n] for n in self.param_names}
-            kind = "gradient"
-        else:
-            update = {n: arrays[n] - global_state[n] for n in self.param_names}
-            kind = "weight-diff"
-        labels = None
-        if cfg.threat.labels_known and "client" in reply.content:
-            labels = torch.tensor([int(y) for y in reply.content["client"]["labels"]], dtype=torch.long)
-        ds = self.data.dataset
-        return AttackCase(
-            model_name=cfg.model.name, num_classes=self.data.num_classes, image_shape=self.data.image_shape,
-            weights=global_state, update=update, update_kind=kind, num_images=int(metrics["num-examples"]),
-            local_lr=fed.local_lr, local_steps=int(metrics["local-steps"]),
-            local_batch_size=fed.batch_size if fed.algorithm == "fedavg" else 0,
-            mean=ds.mean, std=ds.std, labels=labels, grey=ds.grey,
-            meta={"round": rnd, "client": pid, "dataset": ds.name}, bn_mode=fed.bn_mode,
-        )
 
     # -- display hooks --------------------------------------------------------------------
     def _attack_start(self, task: AttackTask, total: int) -> None:

@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
+from clients.messages import METRICS, TRAIN_LOSS, reply_partition
 from fl_sim.config import ExperimentConfig
 from fl_sim.federated_data import force_victims, sample_clients
 
@@ -21,15 +22,11 @@ log = logging.getLogger("fl_sim.server")
 ReplyObserver = Callable[[int, ArrayRecord, list[Message]], None]
 
 
-def reply_partition(msg: Message) -> int:
-    return int(msg.content["metrics"]["partition-id"])
-
-
 def train_metrics(records: list[RecordDict], weight_key: str) -> MetricRecord:
     """Weighted mean of the train loss, total examples, number of clients (ids are not averaged)."""
-    total = sum(float(r["metrics"][weight_key]) for r in records)
-    loss = sum(float(r["metrics"]["train-loss"]) * float(r["metrics"][weight_key]) for r in records)
-    return MetricRecord({"train-loss": loss / max(total, 1e-12), weight_key: int(total), "clients": len(records)})
+    total = sum(float(r[METRICS][weight_key]) for r in records)
+    loss = sum(float(r[METRICS][TRAIN_LOSS]) * float(r[METRICS][weight_key]) for r in records)
+    return MetricRecord({TRAIN_LOSS: loss / max(total, 1e-12), weight_key: int(total), "clients": len(records)})
 
 
 class CuriousFedAvg(FedAvg):
@@ -64,7 +61,6 @@ class CuriousFedAvg(FedAvg):
         self.global_arrays = arrays
         sampled = sample_clients(self.config, self.population, server_round)
         self.sampled = force_victims(self.config, sampled, self.population, server_round)
-        config["server-round"] = server_round
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
         nodes = [self.node_of_partition[p] for p in self.sampled]
         return self._construct_messages(record, nodes, MessageType.TRAIN)
@@ -104,4 +100,4 @@ class CuriousFedAvg(FedAvg):
             out[name] = Array(np.ascontiguousarray(new.astype(w.dtype, copy=False)))
         return ArrayRecord(out)
 
-__all__ = ["CuriousFedAvg", "train_metrics", "reply_partition"]
+__all__ = ["CuriousFedAvg", "train_metrics"]

@@ -30,6 +30,20 @@ def _runner(tmp_path, name: str, attacks: list[AttackConfig], together: bool) ->
 
 
 def test_victims_attacked_together_match_one_by_one(tmp_path):
+    """Attacking a round's victims as one batch is the same attack as one by one.
+
+    Not bit for bit: the batched path sums in another order, and InvertG steps on the *sign*
+    of the image gradient, so a rounding-level difference flips the sign of near-zero
+    components and the two trajectories part after a few dozen iterations (the exact
+    equivalence of the losses and gradients is tested in test_attacks_multi.py). What is
+    invariant is the outcome's distribution. Measured here (InvertG, 120 iterations, these 3
+    victims, init seeds 0-3, 1 and 2 threads): together - alone per victim ranged -0.58 to
+    +0.45 dB (std 0.25 dB; the same for 1 and 2 threads), the mean over the 3 victims -0.17
+    to +0.19 dB, and one victim's PSNR moved 1.1 dB between init seeds. Another machine of
+    this kind (with AMX) gave 15.02 vs 14.72 dB for client 1. So the bounds are about 5
+    standard deviations: 1.5 dB per victim, 0.75 dB for the mean; a broken batched path
+    (wrong victim's gradient, a missing layer) stays near its ~9 dB start and fails the floor.
+    """
     attack = [AttackConfig(name="invertg", params={"iterations": 120})]
     victims = _victims()
     together = _runner(tmp_path, "together", attack, together=True)
@@ -40,9 +54,12 @@ def test_victims_attacked_together_match_one_by_one(tmp_path):
     assert together.groups == [("invertg", (0, 1, 2))] and alone.groups == []
     assert sorted(got) == [0, 1, 2] and len(together.run.attack_records()) == 3
     for c in got:
-        assert ref[c].psnr > 13.5  # the attack did something (its random start is ~9 dB)
-        assert abs(got[c].psnr - ref[c].psnr) < 0.3, (c, got[c].psnr, ref[c].psnr)
+        # Both paths recover the victim: the lowest of 24 measured outcomes was 13.66 dB.
+        assert got[c].psnr > 12.5 and ref[c].psnr > 12.5, (c, got[c].psnr, ref[c].psnr)
+        assert abs(got[c].psnr - ref[c].psnr) < 1.5, (c, got[c].psnr, ref[c].psnr)
         assert got[c].label_accuracy == 1.0
+    mean_diff = np.mean([got[c].psnr - ref[c].psnr for c in got])
+    assert abs(mean_diff) < 0.75, mean_diff
     # A second submission of the same round finds everything done.
     before = together.invocations
     assert together.submit_round(victims) == [] and together.invocations == before

@@ -48,6 +48,9 @@ def test_ggl_finds_a_generated_face():
     assert res.images.shape == (1, 3, 32, 32)
     gain = float(psnr(res.images, img)) - float(psnr(prior_mean, img))
     print("GGL gain over the prior mean", gain)
+    # CMA-ES trajectories are chaotic: another machine's rounding is like another seed. Over
+    # CMA-ES seeds 0-7 on this face (pretrained generator) the gain was 4.5 to 8.0 dB, mean
+    # 6.1, sd 1.1; 3 dB sits below all of them, and far above a search that does nothing (0).
     assert gain >= 3.0, gain
 
 
@@ -60,8 +63,44 @@ def test_ggl_grey_case_and_stop():
     stop = threading.Event()
     res = build_attack("ggl", generator=gen, budget=50, population=8, chunk=0).run(
         case, progress=lambda it, total, loss: stop.set() if it == 2 else None, stop=stop)
-    assert res.iterations == 2 and res.extras["interrupted"] == 1.0
+    assert res.iterations == 2 and res.interrupted
     assert torch.equal(res.images[:, 0], res.images[:, 1])
+
+
+@pytest.mark.parametrize("grey", [False, True])
+def test_ggl_final_loss_is_the_objective_of_the_returned_image(grey):
+    from attacks.engine import GradientMatcher, VictimModel
+
+    gen = _generator()
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    if grey:
+        img = img.mean(1, keepdim=True).expand(-1, 3, -1, -1)
+    case = make_case("lenet", 10, img, torch.tensor([1]), grey=grey)
+    # Without the latent penalty the objective is the L2 gradient distance of the image alone.
+    res = build_attack("ggl", generator=gen, budget=3, population=8, kl_weight=0.0).run(case)
+    victim = VictimModel(case)
+    ref = GradientMatcher(victim.targets(), "l2").reference(victim.simulate(res.images, res.labels, create_graph=False))
+    # float32 distances against float64: rounding of the sums, ~1e-6 relative; 1e-4 leaves a margin
+    assert res.final_loss == pytest.approx(float(ref), rel=1e-4)
+    assert res.final_loss <= res.loss_history[-1] * (1 + 1e-4)  # the best of the search, rescored
+
+
+def test_ggl_stopped_before_a_round_scores_the_prior_mean():
+    import threading
+
+    gen = _generator()
+    img = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    case = make_case("lenet", 10, img, torch.tensor([4]))
+    stop = threading.Event()
+    stop.set()
+    res = build_attack("ggl", generator=gen, budget=5, population=8).run(case, stop=stop)
+    assert res.interrupted and res.iterations == 0 and res.loss_history == []
+    from attacks.engine import GradientMatcher, VictimModel
+
+    victim = VictimModel(case)
+    distance = GradientMatcher(victim.targets(), "l2").reference(victim.simulate(res.images, res.labels, create_graph=False))
+    expected = float(distance) + 0.1 * float(latent_kl(torch.zeros(1, 100)))  # z = 0, KL weight 0.1
+    assert res.final_loss == pytest.approx(expected, rel=1e-4)
 
 
 def test_suspected_defense_estimates():

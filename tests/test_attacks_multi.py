@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attacks.engine import GradientMatcher, VictimModel
+from attacks.engine import GradientMatcher, VictimModel, reference_objective
 from attacks.expanded import ExpandedModel
 from attacks.factored import FactoredMatcher
 from attacks.multi import MultiVictimInversion, compatible, invert_together
@@ -118,11 +118,20 @@ def test_together_equals_one_by_one(backend):
     multi = MultiVictimInversion(attack, backend=backend)
     together = multi.run(cases)
     assert multi.used_backend == backend or (backend == "factored" and multi.used_backend == "expanded")
-    for a, t in zip(alone, together):
+    for case, a, t in zip(cases, alone, together):
         assert a.labels.tolist() == t.labels.tolist()
-        assert float((a.images - t.images).abs().max()) < 2e-3
-        assert t.extras["best_loss"] == pytest.approx(a.extras["best_loss"], rel=1e-3)
-        assert t.extras["victims_together"] == 3.0
+        # Unsigned Adam normalises each pixel's step by its gradient's running magnitude, so
+        # float rounding (batched vs single kernels) moves the few pixels whose gradient is
+        # tiny: the largest pixel difference (measured 1e-4 to 1.6e-3 here) depends on the
+        # kernels, the mean does not: measured 2e-6 to 1e-5, against 0.15 for another
+        # victim's reconstruction. 1e-3 sits 100x above the one and 100x below the other.
+        assert float((a.images - t.images).abs().mean()) < 1e-3
+        # The losses of those images: measured within 1e-5 relative.
+        assert t.final_loss == pytest.approx(a.final_loss, rel=1e-3)
+        # Each victim's final_loss is the objective of its returned image, alone.
+        ref = reference_objective(case, t.images, t.labels, attack.config)
+        assert t.final_loss == pytest.approx(ref, rel=1e-4)  # float32 rounding, see test_attacks_engine
+        assert t.diagnostics["victims_together"] == 3.0
 
 
 def test_together_resnet_factored_matches_alone():
@@ -147,4 +156,26 @@ def test_incompatible_cases_run_one_by_one():
     with pytest.raises(ValueError, match="together"):
         MultiVictimInversion(build_attack("invertg", iterations=2)).run([a, b])
     res = invert_together(build_attack("invertg", iterations=2), [a, b])
-    assert len(res) == 2 and "victims_together" not in res[0].extras
+    assert len(res) == 2 and "victims_together" not in res[0].diagnostics
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("invertg", {"restarts": 2, "tv": 0.0}),
+    # DFLeak's select through the together path: the final iterate, lowest-loss as a variant
+    ("dfleak", {"init_search": "off", "epsilon": 1e9, "restorer": "none", "select": "final"}),
+])
+def test_together_final_loss_is_each_victims_objective(name, overrides):
+    imgs = [face_image(32, i) for i in range(2)]
+    first = make_case("lenet", 10, imgs[0], torch.tensor([1]))
+    cases = [first, make_case("lenet", 10, imgs[1], torch.tensor([6]), weights=first.weights)]
+    attack = build_attack(name, iterations=20, **overrides)
+    together = MultiVictimInversion(attack).run(cases)
+    for case, t in zip(cases, together):
+        ref = reference_objective(case, t.images, t.labels, attack.config)
+        assert t.final_loss == pytest.approx(ref, rel=1e-4)  # float32 rounding, see test_attacks_engine
+        assert len(t.loss_history) == 20 and not t.interrupted
+        if name == "dfleak":
+            assert set(t.variants) == {"lowest-loss", "lowest-loss-after-restoration"}
+            assert t.diagnostics["trigger_iteration"] == 0.0
+        else:
+            assert t.diagnostics["best_restart"] in (0.0, 1.0) and t.iterations == 40

@@ -21,7 +21,7 @@ def test_idlg_adam_inverts_lenet_32px():
     img = face_image(32)
     case = make_case("lenet", 10, img, torch.tensor([3]))
     res = build_attack("idlg-adam", iterations=2500).run(case)
-    assert res.labels.tolist() == [3] and res.extras["labels_recovered"] == 1.0
+    assert res.labels.tolist() == [3] and res.diagnostics["labels_recovered"] == 1.0
     assert _psnr(res.images, img) >= 25.0
     assert res.loss_history[-1] < 1e-3 * res.loss_history[0]
 
@@ -67,4 +67,5 @@ def test_batch_of_two_with_matching(name, overrides):
     res = build_attack(name, iterations=400, **overrides).run(case)
     assert sorted(res.labels.tolist()) == [1, 4]
     perm = match_batch(res.images, img)
+    # Measured over seeds 0-5: invertg 16.1-16.4 dB, gradinv 18.6-18.7 dB.
     assert _psnr(res.images[perm], img) >= 15.0

@@ -62,7 +62,7 @@ def register_count_attack() -> None:
             images = torch.full((n, c, h, w), 1.0 / (1.0 + norm))
             images[..., : h // 2, :] = 0.25
             labels = torch.zeros(n, dtype=torch.long)
-            return AttackResult(images, labels, [norm], 1, time.perf_counter() - t0, {})
+            return AttackResult(images, labels, [norm], 1, time.perf_counter() - t0, final_loss=norm)
 
 
 def register_failing_attack() -> None:
@@ -127,7 +127,7 @@ def easy_config(lenet_init: str, **sections) -> dict:
 
 
 def run_tree(tree: dict, out: Path) -> RunDirectory:
-    from fl_sim.simulation import run_experiment
+    from server.launcher import run_experiment
 
     config = parse_config(tree)
     run = RunDirectory.create(out, config)
@@ -171,7 +171,9 @@ def test_ray_federation_learns_and_matches_inprocess(tmp_path, lenet_init):
     assert not ray.is_initialized()
     assert _ray_children() == []
 
-    local = run_tree({**tree, "engine": {"backend": "inprocess"}}, tmp_path / "local")
+    # One victim at a time in-process too, as the Ray tasks attack them (the batched path is
+    # compared with this one in test_attack_runner.py).
+    local = run_tree({**tree, "engine": {"backend": "inprocess", "attack_together": False}}, tmp_path / "local")
 
     r_ray, r_loc = ray_run.rounds_frame(), local.rounds_frame()
     assert len(r_ray) == 8 and (r_ray.clients == 10).all()
@@ -183,7 +185,11 @@ def test_ray_federation_learns_and_matches_inprocess(tmp_path, lenet_init):
     m_ray, m_loc = ray_run.metrics_frame(), local.metrics_frame()
     assert len(m_ray) == 2 and (m_ray["round"] == 1).all()
     assert list(m_ray.client) == list(m_loc.client)
-    assert m_ray.psnr.tolist() == pytest.approx(m_loc.psnr.tolist(), abs=1e-3)
+    # The same attack on the same case, in a Ray task (1 thread) and in this process (its own
+    # thread count): equal here to the last digit; 0.05 dB leaves room for another CPU's
+    # kernels to sum in another order under a different thread count (4 signed steps can
+    # flip the sign of a few near-zero pixel gradients: ~3e-4 dB each at 32 px).
+    assert m_ray.psnr.tolist() == pytest.approx(m_loc.psnr.tolist(), abs=0.05)
     for rel in list(m_ray.image) + list(m_ray.truth_image):
         assert (ray_run.path / rel).is_file()
     assert (ray_run.path / "report.html").is_file()
@@ -228,7 +234,7 @@ def test_victim_case_holds_the_victims_update(tmp_path, lenet_init, algorithm):
             torch.testing.assert_close(case.update[name], s.detach(), rtol=1e-4, atol=1e-6)
 
     if algorithm == "fedsgd":  # a saved case attacked offline (`fl-sim attack`), truth found beside it
-        from fl_sim.offline import attack_case_file
+        from server.offline import attack_case_file
 
         register_count_attack()
         offline = attack_case_file(cases[0], COUNT_ATTACK, ["delay=0"], tmp_path / "offline")

@@ -21,7 +21,7 @@ def _images(n: int, c: int, size: int, seed: int = 0, grey: bool = False) -> tor
 @pytest.fixture(scope="module")
 def ddpm_dir(tmp_path_factory):
     """A tiny DDPM written by the training command: 3 steps, 16 px, 24 public faces."""
-    from fl_sim.restorer_train import main
+    from attacks.restorers.train import main
 
     out = tmp_path_factory.mktemp("ddpm")
     rc = main(["--out", str(out), "--steps", "3", "--size", "16", "--images", "24", "--batch", "4",
@@ -126,7 +126,7 @@ def test_diffusion_loads_an_untrained_unet_directory(tmp_path):
 def test_training_resumes_and_refuses_to_overwrite(ddpm_dir):
     import json
 
-    from fl_sim.restorer_train import main
+    from attacks.restorers.train import main
 
     assert json.loads((ddpm_dir / "training.json").read_text())["step"] == 3
     common = ["--out", str(ddpm_dir), "--size", "16", "--images", "24", "--batch", "4", "--channels", "8,16",

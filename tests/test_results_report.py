@@ -1,12 +1,15 @@
-"""The run directory contract: store, CSV exports, no silent overwrite, the HTML report."""
+"""The run directory contract: store, CSV exports, no silent overwrite, the HTML report and its paired
+differences."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
+from scipy import stats as st
 
-from fl_sim.config import ExperimentConfig
-from fl_sim.report import write_report
+from fl_sim.config import AttackConfig, ExperimentConfig, MetricsConfig
+from fl_sim.report import run_comparisons, write_report
 from fl_sim.results import AttackRecord, RoundRecord, RunDirectory, RunExists
 
 
@@ -46,3 +49,66 @@ def test_report_inlines_every_reconstruction_and_the_curves(tmp_path, orl64):
     # 2 victims x (truth + 2 attacks) + accuracy curve + leakage curve
     assert html.count("data:image/png;base64,") == 2 * 3 + 2
     assert "invertg" in html and "idlg-adam" in html and "13.50" in html
+
+
+# -- paired differences in the report --------------------------------------------------
+
+# 4 victims; dfleak minus invertg: PSNR +2, +1.5, +0.05 (a tie), +3; LPIPS -0.2, -0.05, +0.01, -0.2
+_PSNR = {"invertg": [10.0, 12.0, 11.0, 13.0], "dfleak": [12.0, 13.5, 11.05, 16.0]}
+_LPIPS = {"invertg": [0.5, 0.4, 0.45, 0.6], "dfleak": [0.3, 0.35, 0.46, 0.4]}
+
+
+def _paired_run(tmp_path, **metrics) -> RunDirectory:
+    config = ExperimentConfig(name="paired", attacks=[AttackConfig(name="invertg"), AttackConfig(name="dfleak")],
+                              metrics=MetricsConfig(**metrics))
+    run = RunDirectory.create(tmp_path / "run", config)
+    for client in range(4):
+        # dfleak is stored first and sorts first: the reference must still come from the config
+        for attack in ("dfleak", "invertg"):
+            run.add_attack(AttackRecord(1, client, attack, psnr=_PSNR[attack][client],
+                                        lpips=_LPIPS[attack][client]))
+    return run
+
+
+def _expected_cell(method: list[float], reference: list[float], digits: int) -> str:
+    d = np.array(method) - np.array(reference)
+    mean = d.mean()
+    low, high = st.t.interval(0.95, df=len(d) - 1, loc=mean, scale=d.std(ddof=1) / np.sqrt(len(d)))
+    return f"{mean:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+
+
+def test_report_has_paired_differences_against_the_first_configured_attack(tmp_path):
+    run = _paired_run(tmp_path)
+    html = write_report(run).read_text()
+    assert "Paired differences against invertg" in html
+    psnr_row = ("<td>dfleak</td><td>psnr</td><td>4</td>"
+                f"<td>{_expected_cell(_PSNR['dfleak'], _PSNR['invertg'], 2)}</td><td>3/1/0</td>")
+    lpips_row = ("<td>dfleak</td><td>lpips</td><td>4</td>"
+                 f"<td>{_expected_cell(_LPIPS['dfleak'], _LPIPS['invertg'], 3)}</td><td>3/0/1</td>")
+    assert psnr_row in html and lpips_row in html
+    assert "<td>ssim</td>" not in html and "<td>id_similarity</td>" not in html  # never measured here
+    comps = run_comparisons(run)
+    assert [(c.method, c.reference, c.metric, c.n) for c in comps] == [("dfleak", "invertg", "psnr", 4),
+                                                                       ("dfleak", "invertg", "lpips", 4)]
+    assert comps[0].mean_difference == pytest.approx(1.6375)
+
+
+def test_configured_reference_wins_and_a_wrong_one_is_reported_not_fatal(tmp_path):
+    run = _paired_run(tmp_path, reference="dfleak")
+    html = write_report(run).read_text()
+    assert "Paired differences against dfleak" in html
+    assert f"<td>{_expected_cell(_PSNR['invertg'], _PSNR['dfleak'], 2)}</td><td>0/1/3</td>" in html
+
+    bad = _paired_run(tmp_path / "bad", reference="idlg")
+    html = write_report(bad).read_text()
+    assert "Paired differences against idlg" in html and "dfleak, invertg" in html
+    with pytest.raises(ValueError, match="'idlg'"):
+        run_comparisons(bad)
+
+
+def test_no_paired_section_without_two_attacks_on_a_victim(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", ExperimentConfig(name="one"))
+    for client, attack in enumerate(("invertg", "dfleak")):  # two attacks, never on the same victim
+        run.add_attack(AttackRecord(1, client, attack, psnr=10.0))
+    assert "Paired differences" not in write_report(run).read_text()
+    assert run_comparisons(run) == []

@@ -19,13 +19,13 @@ allowed ones.
 """
 from __future__ import annotations
 
-import dataclasses
-import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Protocol, TypeVar, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+
+from fl_sim.registry import Registry, build_settings, setting_defaults
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as fl_sim.data.to_grey
 
@@ -59,60 +59,25 @@ class BaseRestorer:
         return f"{type(self).__name__}({self.config})"
 
 
-R = TypeVar("R", bound=type[BaseRestorer])
-RESTORERS: dict[str, type[BaseRestorer]] = {}
-BUILTIN_MODULES = ("attacks.restorers.gan_prior", "attacks.restorers.diffusion",
-                   "attacks.restorers.eigenface")
-
-
-def register_restorer(name: str) -> Callable[[R], R]:
-    def wrap(cls: R) -> R:
-        if name in RESTORERS and RESTORERS[name] is not cls:
-            raise ValueError(f"restorer {name!r} is registered twice")
-        cls.name = name
-        RESTORERS[name] = cls
-        return cls
-
-    return wrap
-
-
-def _load_builtin() -> None:
-    for module in BUILTIN_MODULES:
-        try:
-            importlib.import_module(module)
-        except ModuleNotFoundError as exc:  # a module not written yet is skipped
-            if exc.name != module:
-                raise
+RESTORERS: Registry[type[BaseRestorer]] = Registry(
+    "restorer", builtin=("attacks.restorers.gan_prior", "attacks.restorers.diffusion", "attacks.restorers.eigenface"))
+register_restorer = RESTORERS.register
 
 
 def restorer_names() -> list[str]:
-    _load_builtin()
-    return sorted(RESTORERS)
+    return RESTORERS.names()
 
 
 def restorer_fields(name: str) -> dict[str, Any]:
-    cls = _lookup(name)
-    return {f.name: getattr(cls.Config(), f.name) for f in dataclasses.fields(cls.Config)}
-
-
-def _lookup(name: str) -> type[BaseRestorer]:
-    _load_builtin()
-    if name not in RESTORERS:
-        raise ValueError(f"unknown restorer {name!r}; choose one of {', '.join(sorted(RESTORERS))}")
-    return RESTORERS[name]
+    return setting_defaults(RESTORERS.get(name).Config)
 
 
 def build_restorer(name: str, public: torch.Tensor | None = None, device: str | torch.device = "cpu",
                    **params: Any) -> BaseRestorer:
     """A restorer by name with some settings overridden; `public` is the attacker's public
     face set (N, C, H, W) in [0, 1] for restorers that learn from it."""
-    cls = _lookup(name)
-    allowed = [f.name for f in dataclasses.fields(cls.Config)]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"restorer {name!r} has no setting {', '.join(map(repr, unknown))}; "
-                         f"allowed: {', '.join(allowed) or '(none)'}")
-    return cls(cls.Config(**params), public=public, device=device)
+    cls = RESTORERS.get(name)
+    return cls(build_settings(cls.Config, params, f"restorer {name!r}"), public=public, device=device)
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,78 +22,19 @@ import time
 from pathlib import Path
 
 from rich.console import Console
-from rich.table import Table
 
 from fl_sim.config import ExperimentConfig
 from fl_sim.results import RunDirectory
-
-# Flower and Ray phone home and write to ~/.flwr unless told not to (flower.md pitfalls 1, 3).
-QUIET_ENV = {
-    "FLWR_TELEMETRY_ENABLED": "0",
-    "FLWR_DISABLE_UPDATE_CHECK": "1",
-    "RAY_USAGE_STATS_ENABLED": "0",
-    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
-    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-    "RAY_DEDUP_LOGS": "0",
-}
-for _k, _v in QUIET_ENV.items():
-    os.environ.setdefault(_k, _v)
+from server.preflight import preflight
+from server.session import finish_run, quiet_environment
 
 log = logging.getLogger("fl_sim")
-
-
-def quiet_environment(run: RunDirectory) -> None:
-    for k, v in QUIET_ENV.items():
-        os.environ.setdefault(k, v)
-    flwr_home = run.path / ".flwr"
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    os.environ["FLWR_HOME"] = str(flwr_home.resolve())
-    flwr_log = logging.getLogger("flwr")
-    flwr_log.setLevel(logging.WARNING)
-    if not any(isinstance(f, _KnownFlowerNotices) for f in flwr_log.filters):
-        flwr_log.addFilter(_KnownFlowerNotices())
-    ours = logging.getLogger("fl_sim")
-    if not ours.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
-        ours.addHandler(handler)
-        ours.setLevel(logging.INFO)
-        ours.propagate = False
-
-
-class _KnownFlowerNotices(logging.Filter):
-    """Drop Flower's notice that `run_simulation` is deprecated: we use it knowingly (it is
-    the one API that runs a ServerApp object in this process under Ray)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        return not ("DEPRECATED FEATURE" in text and "run_simulation" in text)
-
-
-def validate(config: ExperimentConfig) -> None:
-    """Fail before any work on an unknown attack, attack setting or defense."""
-    from clients.defenses import build_defenses
-    from server.attack_runner import build
-
-    build_defenses(config.defenses)
-    for attack in config.attacks:
-        build(attack)
-    fed = config.federation
-    if fed.algorithm == "fedsgd" and fed.batch_size == 1 and fed.bn_mode == "train" and \
-            config.model.name in ("resnet18", "mobilenet_v2") and config.data.image_size < 64:
-        raise ValueError(f"{config.model.name} at {config.data.image_size} px and batch size 1 ends in 1x1 "
-                         "feature maps, where BatchNorm in train mode fails: use data.image_size >= 64, "
-                         "federation.batch_size >= 2 or federation.bn_mode: eval")
-    late = [r for r in config.threat.rounds if r > config.federation.rounds]
-    if late:
-        log.warning("threat.rounds %s are after the last round (%d): not attacked", late, config.federation.rounds)
-
 
 def run_experiment(config: ExperimentConfig, run: RunDirectory, resume: bool) -> None:
     from server.federation import Job
 
     quiet_environment(run)
-    validate(config)
+    preflight(config)
     reap_stale_ray(run)  # a previous, killed attempt of this run may have left Ray agents
     job = Job(config=config, run=run, resume=resume, console=Console())
     t0 = time.perf_counter()
@@ -237,57 +178,4 @@ def shutdown_ray() -> None:
             ray.shutdown()
 
 
-def finish_run(job, seconds: float | None = None) -> None:
-    """Summary tables, CSVs and the report."""
-    run, console = job.run, job.console
-    run.export_csv()
-    print_summary(run, console, seconds)
-    failures = getattr(job, "attack_failures", [])
-    if failures:
-        console.print(f"[yellow]warning:[/] {len(failures)} attack(s) failed and were not recorded:")
-        for rnd, client, attack, error in failures:
-            console.print(f"  round {rnd} client {client} {attack}: {error}", highlight=False)
-    try:
-        from fl_sim.report import write_report
-    except ImportError:
-        console.print("[yellow]warning:[/] fl_sim.report is not available; no report.html")
-    else:
-        try:
-            path = write_report(run)
-        except (OSError, ValueError) as exc:  # e.g. an unwritable run directory
-            console.print(f"[yellow]warning:[/] report.html not written ({exc}); "
-                          f"rebuild it with `fl-sim report {run.path}`")
-        else:
-            console.print(f"report: [bold]{path}[/]")
-    run.close()
-
-
-def _fmt(x: float, spec: str) -> str:
-    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
-
-
-def print_summary(run: RunDirectory, console: Console, seconds: float | None = None) -> None:
-    rounds = run.rounds_frame()
-    if len(rounds):
-        t = Table(title="rounds")
-        for c in ("round", "test acc", "test loss", "train loss", "clients", "seconds"):
-            t.add_column(c, justify="right")
-        for r in rounds.itertuples():
-            t.add_row(str(r.round), _fmt(r.test_accuracy, ".1%"), _fmt(r.test_loss, ".3f"),
-                      _fmt(r.train_loss, ".3f"), str(r.clients), _fmt(r.seconds, ".1f"))
-        console.print(t)
-    metrics = run.metrics_frame()
-    if len(metrics):
-        t = Table(title="attacks (mean over victims)")
-        for c in ("attack", "victims", "psnr", "ssim", "lpips", "id sim", "label acc", "seconds"):
-            t.add_column(c, justify="right")
-        for name, g in metrics.groupby("attack", sort=False):
-            t.add_row(str(name), str(len(g)), _fmt(g.psnr.mean(), ".2f"), _fmt(g.ssim.mean(), ".3f"),
-                      _fmt(g.lpips.mean(), ".3f"), _fmt(g.id_similarity.mean(), ".3f"),
-                      _fmt(g.label_accuracy.mean(), ".2f"), _fmt(g.seconds.mean(), ".1f"))
-        console.print(t)
-    if seconds is not None:
-        console.print(f"wall time {seconds:.1f} s")
-
-
-__all__ = ["run_experiment", "run_federation", "finish_run", "quiet_environment", "shutdown_ray"]
+__all__ = ["run_experiment", "run_federation", "preflight", "shutdown_ray"]

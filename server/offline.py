@@ -98,7 +98,7 @@ def attack_case_file(case_path: Path, attack: str, params: list[str] | dict | No
     runner = AttackRunner(run, [attack_cfg], config.metrics, device, 1, events=RunnerEvents(on_iteration=on_iteration))
     rnd, client = int(case.meta.get("round", 0)), int(case.meta.get("client", 0))
     records = runner.submit(case, truth_images, truth_labels, rnd, client)
-    from fl_sim.simulation import print_summary
+    from server.session import print_summary
 
     print_summary(run, console)
     for rec in records:

@@ -1,0 +1,54 @@
+"""The client's training step as plain functions on a module: what every client computes
+(clients/training.py), what `attacks.synthetic.make_case` computes for a case built from
+known images, and what the attacker's simulation (attacks/engine.py `VictimModel`) models.
+
+BatchNorm in the configured mode (train: batch statistics; eval: frozen running
+statistics), mean cross-entropy, the update keyed by parameter name in `named_parameters()`
+order; FedAvg step s uses images (s * b + j) mod n, plain SGD.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def train_mode(model: nn.Module, bn_mode: str = "train") -> nn.Module:
+    """model.train(), with BatchNorm frozen on its running statistics when bn_mode is "eval"."""
+    model.train()
+    if bn_mode == "eval":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+    return model
+
+
+def fedsgd_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
+                    bn_mode: str = "train") -> tuple[dict[str, torch.Tensor], float]:
+    """One gradient of the mean cross-entropy at the current weights."""
+    train_mode(model, bn_mode)
+    named = list(model.named_parameters())
+    loss = F.cross_entropy(model(inputs), labels)
+    grads = torch.autograd.grad(loss, [p for _, p in named])
+    return {n: g.detach().clone() for (n, _), g in zip(named, grads)}, float(loss.detach())
+
+
+def fedavg_train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, lr: float, steps: int,
+                 batch_size: int, bn_mode: str = "train") -> float:
+    """`steps` plain SGD steps; step s on images (s * b + j) mod n. Returns the mean loss."""
+    train_mode(model, bn_mode)
+    n = len(inputs)
+    b = batch_size if 0 < batch_size < n else n
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    total = 0.0
+    for s in range(steps):
+        idx = [(s * b + j) % n for j in range(b)]
+        opt.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs[idx]), labels[idx])
+        loss.backward()
+        opt.step()
+        total += float(loss.detach())
+    return total / max(steps, 1)
+
+
+__all__ = ["train_mode", "fedsgd_gradient", "fedavg_train"]
