@@ -39,23 +39,22 @@ class Run:
     def _store(self) -> RunDirectory:
         return RunDirectory.open(self.path)
 
-    @property
-    def metrics(self) -> pd.DataFrame:
-        """One row per (round, client, attack): psnr, ssim, lpips, id_similarity, ..."""
+    def _frame(self, table: str) -> pd.DataFrame:
         store = self._store()
         try:
-            return store.metrics_frame()
+            return store.metrics_frame() if table == "attacks" else store.rounds_frame()
         finally:
             store.close()
 
     @property
+    def metrics(self) -> pd.DataFrame:
+        """One row per (round, client, attack): psnr, ssim, lpips, id_similarity, ..."""
+        return self._frame("attacks")
+
+    @property
     def rounds(self) -> pd.DataFrame:
         """One row per round: test_accuracy, test_loss, clients, seconds, ..."""
-        store = self._store()
-        try:
-            return store.rounds_frame()
-        finally:
-            store.close()
+        return self._frame("rounds")
 
     @property
     def report(self) -> Path:
@@ -66,7 +65,11 @@ class Run:
         difference with a 95 % confidence interval, wins/ties/losses, n (fl_sim.stats)."""
         from fl_sim.report import run_comparisons
 
-        return run_comparisons(self._store(), reference=reference)
+        store = self._store()
+        try:
+            return run_comparisons(store, reference=reference)
+        finally:
+            store.close()
 
     def image(self, relative: str):
         """A PNG of the run (a path from metrics' `image` / `truth_image` columns) as PIL."""

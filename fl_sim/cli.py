@@ -88,10 +88,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from server.offline import attack_case_file
+    from fl_sim import api
+    from server.offline import parse_params
 
-    attack_case_file(Path(args.case), args.attack, args.params, Path(args.out) if args.out else None,
-                     truth=Path(args.truth) if args.truth else None, device=args.device)
+    api.attack_case(args.case, args.attack, parse_params(args.params), out=args.out, truth=args.truth,
+                    device=args.device)
     return 0
 
 

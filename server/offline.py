@@ -62,7 +62,7 @@ def load_truth(path: Path, image_shape: tuple[int, int, int]) -> tuple[torch.Ten
 def attack_case_file(case_path: Path, attack: str, params: list[str] | dict | None = None, out: Path | None = None,
                      truth: Path | None = None, device: str = "cpu") -> RunDirectory:
     from attacks.case import AttackCase
-    from server.attack_runner import AttackRunner, RunnerEvents
+    from server.attack_runner import AttackRunner, RunnerEvents, build
 
     console = Console()
     case_path = Path(case_path)
@@ -70,6 +70,7 @@ def attack_case_file(case_path: Path, attack: str, params: list[str] | dict | No
         raise FileNotFoundError(f"case file {case_path} does not exist")
     case = AttackCase.load(case_path)
     attack_cfg = AttackConfig(name=attack, params=parse_params(params))
+    build(attack_cfg, where="--param")  # a bad name or setting fails before anything is written
     if truth is None:
         beside = case_path.with_name(case_path.stem + "_truth.pt")
         truth = beside if beside.exists() else None
