@@ -122,6 +122,94 @@ def cmd_restorer_train(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------------------
+# oracle: the similarity-oracle service (server/oracle; imported inside the commands)
+
+
+def cmd_oracle_serve(args: argparse.Namespace) -> int:
+    from server.oracle.app import serve
+    from server.oracle.settings import load_settings
+
+    serve(load_settings(args.config, host=args.host, port=args.port, db=args.db))
+    return 0
+
+
+def cmd_oracle_keys_create(args: argparse.Namespace) -> int:
+    from server.oracle.store import Store
+
+    key_id, key = Store(args.db).create_key(args.role, budget=args.budget)
+    err.print(f"created {args.role} key {key_id} in {args.db}; it is shown once, keep it:")
+    console.print(key, markup=False, highlight=False)
+    return 0
+
+
+def cmd_oracle_enroll(args: argparse.Namespace) -> int:
+    from server.oracle.backend import Backend
+    from server.oracle.enroll import dataset_identities, enroll, folder_identities, load_files
+    from server.oracle.store import IdentityExists, Store
+
+    if args.images and not args.id:
+        raise UsageError("--images needs --id (the identity the images show)")
+    if args.id and not args.images:
+        raise UsageError("--id goes with --images")
+    store = Store(args.db)
+    backend = Backend(args.backend)
+    if args.images:
+        jobs = [(args.id, lambda: load_files([Path(f) for f in args.images], backend.size, args.aligner))]
+    elif args.folder:
+        jobs = [(name, lambda files=files: load_files(files[: args.per_identity], backend.size, args.aligner))
+                for name, files in folder_identities(Path(args.folder))]
+    else:
+        jobs = [(name, lambda crops=crops: crops)
+                for name, crops in dataset_identities(args.dataset, backend.size, args.per_identity)]
+    done = skipped = 0
+    for identity, crops in jobs:
+        if store.has_identity(identity):
+            if not args.skip_existing:
+                raise IdentityExists(f"identity {identity!r} is already enrolled in {args.db} "
+                                     "(--skip-existing to pass over it)")
+            skipped += 1
+            continue
+        record = enroll(store, backend, identity, crops())
+        done += 1
+        console.print(f"enrolled {record.id} ({record.images} images)", markup=False, highlight=False)
+    console.print(f"{done} enrolled, {skipped} already there; {store.count_identities()} identities in {args.db}")
+    return 0
+
+
+def _add_oracle_parser(sub: argparse._SubParsersAction) -> None:
+    oracle = sub.add_parser("oracle", help="the similarity-oracle service: serve, keys, enroll")
+    osub = oracle.add_subparsers(dest="oracle_command", required=True, metavar="ACTION")
+
+    serve = osub.add_parser("serve", help="run the HTTP service (uvicorn)")
+    serve.add_argument("--config", help="YAML settings (host, port, db, backend, limits); defaults without")
+    serve.add_argument("--host", help="override the settings' host")
+    serve.add_argument("--port", type=int, help="override the settings' port")
+    serve.add_argument("--db", help="override the settings' db")
+    serve.set_defaults(fn=cmd_oracle_serve)
+
+    keys = osub.add_parser("keys", help="API keys (only their sha256 is stored)")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, metavar="ACTION")
+    create = ksub.add_parser("create", help="create a key and print it once")
+    create.add_argument("--role", required=True, choices=["admin", "query"])
+    create.add_argument("--db", default="oracle.sqlite", help="the oracle's store (default oracle.sqlite)")
+    create.add_argument("--budget", type=int, help="images this key may have scored (default: the service's)")
+    create.set_defaults(fn=cmd_oracle_keys_create)
+
+    enroll = osub.add_parser("enroll", help="enroll identities directly in the store (no server needed)")
+    enroll.add_argument("--db", default="oracle.sqlite", help="the oracle's store (default oracle.sqlite)")
+    what = enroll.add_mutually_exclusive_group(required=True)
+    what.add_argument("--images", nargs="+", metavar="FILE", help="images of one identity (with --id)")
+    what.add_argument("--folder", help="a folder with one sub-folder of images per identity")
+    what.add_argument("--dataset", choices=["orl"], help="a registered data set, one identity per person")
+    enroll.add_argument("--id", help="the identity's id, [A-Za-z0-9_.-]{1,64} (with --images)")
+    enroll.add_argument("--per-identity", type=int, help="use only the first N images of each identity")
+    enroll.add_argument("--backend", default="sface", help="face-recognition backend (the service's)")
+    enroll.add_argument("--aligner", default="resize", help="how images become crops (as the service)")
+    enroll.add_argument("--skip-existing", action="store_true", help="pass over identities already enrolled")
+    enroll.set_defaults(fn=cmd_oracle_enroll)
+
+
+# ---------------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     restorer.add_argument("action", choices=["train"])
     restorer.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action (train --help lists them)")
     restorer.set_defaults(fn=cmd_restorer_train)
+
+    _add_oracle_parser(sub)
     return p
 
 

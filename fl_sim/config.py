@@ -212,18 +212,22 @@ def _list_index(node: list, key: str, path: list[str]) -> int:
     return int(key)
 
 
+def read_yaml_mapping(path: str | Path, what: str = "config file") -> dict[str, Any]:
+    """A YAML file that holds a mapping; anything else is a one-line ConfigError."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {p} does not exist")
+    try:
+        tree = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{p} must hold a mapping at the top level")
+    return tree
+
+
 def load_config(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    tree: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file {p} does not exist")
-        try:
-            tree = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{p} is not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{p} must hold a mapping of sections at the top level")
+    tree: dict[str, Any] = read_yaml_mapping(path) if path is not None else {}
     for o in overrides:
         apply_override(tree, o)
     return parse_config(tree)
@@ -275,4 +279,4 @@ def _section_type(annotation: Any) -> type[BaseModel] | None:
     return None
 
 
-__all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_config", "apply_override"]
+__all__ = ["ConfigError", "ExperimentConfig", "load_config", "parse_config", "apply_override", "read_yaml_mapping"]

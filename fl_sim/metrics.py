@@ -8,7 +8,7 @@ from __future__ import annotations
 import pickle
 import warnings
 from functools import lru_cache
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 from fl_sim import assets
-from fl_sim.registry import Registry
+from fl_sim.faces import EMBEDDERS, FaceEmbedder, embedder  # noqa: F401  (re-exported)
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,85 +86,8 @@ def lpips(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------
-# Identity similarity with face-recognition backends
-
-
-class FaceEmbedder(Protocol):
-    name: str
-
-    def embed(self, images: torch.Tensor) -> np.ndarray:
-        """(N, 3, H, W) in [0, 1] -> (N, D) L2-normalised embeddings."""
-
-
-def _to_uint8_rgb(images: torch.Tensor, size: int) -> np.ndarray:
-    x = F.interpolate(images.detach().float().cpu(), size=(size, size), mode="bilinear",
-                      align_corners=False, antialias=True)
-    return (x.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-
-
-def _l2n(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v, axis=1, keepdims=True).clip(1e-12)
-
-
-class SFaceEmbedder:
-    """SFace (OpenCV model zoo), 112 x 112 crops; the oracle's model."""
-
-    name = "sface"
-
-    def __init__(self) -> None:
-        import onnx
-        import onnxruntime as ort
-
-        # The quantised file still lists the float weights as graph inputs, though no node
-        # reads them any more (they were replaced by dequantised copies); onnxruntime then
-        # demands them as feeds. Drop every graph input that no node consumes.
-        model = onnx.load(str(assets.get("sface")))
-        consumed = {i for node in model.graph.node for i in node.input}
-        for graph_input in [i for i in model.graph.input if i.name not in consumed]:
-            model.graph.input.remove(graph_input)
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        opts.intra_op_num_threads = 1
-        self._session = ort.InferenceSession(model.SerializeToString(), opts, providers=["CPUExecutionProvider"])
-
-    def embed(self, images: torch.Tensor) -> np.ndarray:
-        # SFace takes a batch of one: 1 x 3 x 112 x 112 RGB in 0..255.
-        x = _to_uint8_rgb(images, 112).astype(np.float32).transpose(0, 3, 1, 2)
-        out = [self._session.run(None, {"data": img[None]})[0].reshape(-1) for img in x]
-        return _l2n(np.stack(out).astype(np.float32))
-
-
-class FaceNetEmbedder:
-    """FaceNet Inception-ResNet-v1 (CASIA-WebFace), 160 x 160 prewhitened; the critic."""
-
-    name = "facenet"
-
-    def __init__(self) -> None:
-        import cv2
-
-        self._net = cv2.dnn.readNetFromTensorflow(str(assets.get("facenet")))
-
-    def embed(self, images: torch.Tensor) -> np.ndarray:
-        x = _to_uint8_rgb(images, 160).astype(np.float32)
-        # FaceNet's prewhitening: per image zero mean, unit variance (std floored).
-        mean = x.mean(axis=(1, 2, 3), keepdims=True)
-        std = np.maximum(x.std(axis=(1, 2, 3), keepdims=True), 1.0 / np.sqrt(x[0].size))
-        blob = np.ascontiguousarray(((x - mean) / std).transpose(0, 3, 1, 2))
-        out = []
-        for img in blob:  # the frozen graph's reshape fixes the batch at one
-            self._net.setInput(img[None])
-            out.append(self._net.forward().reshape(-1))
-        return _l2n(np.stack(out))
-
-
-EMBEDDERS: Registry[Callable[[], FaceEmbedder]] = Registry("face-recognition backend")
-EMBEDDERS.register("sface")(SFaceEmbedder)
-EMBEDDERS.register("facenet")(FaceNetEmbedder)
-
-
-@lru_cache(maxsize=4)
-def embedder(name: str) -> FaceEmbedder:
-    return EMBEDDERS.get(name)()
+# Identity similarity: the face-recognition backends live in fl_sim.faces (shared with the
+# similarity oracle)
 
 
 def id_similarity(a: torch.Tensor, b: torch.Tensor, backend: str = "facenet") -> torch.Tensor:

@@ -75,6 +75,24 @@ def _table_sql(name: str, cls: type, key: tuple[str, ...]) -> str:
     return f"CREATE TABLE IF NOT EXISTS {name} ({cols}, PRIMARY KEY ({', '.join(key)}))"
 
 
+def connect_wal(path: str | Path, **kwargs) -> sqlite3.Connection:
+    """A SQLite connection in WAL mode (readers never block the writer), waiting up to 30 s
+    for a lock. Several processes may open one file at once (benchmark shards, a restarted
+    service): switching to WAL needs a moment alone with the file and SQLite answers
+    "locked" at once rather than waiting, so that step is retried."""
+    deadline = time.monotonic() + 60
+    while True:
+        db = sqlite3.connect(path, timeout=30, **kwargs)
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return db
+        except sqlite3.OperationalError as exc:
+            db.close()
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _empty(cls: type, name: str):
     """What an empty (NULL) cell reads as: NaN for numbers, the field's default otherwise."""
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
@@ -148,26 +166,14 @@ class RunDirectory:
         return self._db
 
     def _connect(self) -> sqlite3.Connection:
-        """Open the store, creating its tables. Several processes may do so at once (shards
-        of a benchmark): switching to WAL needs a moment alone with the file and SQLite
-        answers "locked" at once rather than waiting, so that step is retried."""
-        deadline = time.monotonic() + 60
-        while True:
-            db = sqlite3.connect(self.path / "results.sqlite", timeout=30)
-            try:
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute(_table_sql("attacks", AttackRecord, ("round", "client", "attack")))
-                db.execute(_table_sql("rounds", RoundRecord, ("round",)))
-                _add_missing_columns(db, "attacks", AttackRecord)
-                _add_missing_columns(db, "rounds", RoundRecord)
-                db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB)")
-                db.commit()
-                return db
-            except sqlite3.OperationalError as exc:
-                db.close()
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
+        db = connect_wal(self.path / "results.sqlite")
+        db.execute(_table_sql("attacks", AttackRecord, ("round", "client", "attack")))
+        db.execute(_table_sql("rounds", RoundRecord, ("round",)))
+        _add_missing_columns(db, "attacks", AttackRecord)
+        _add_missing_columns(db, "rounds", RoundRecord)
+        db.execute("CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB)")
+        db.commit()
+        return db
 
     def close(self) -> None:
         if self._db is not None:

@@ -1,0 +1,160 @@
+"""The similarity oracle as a black-box attacker sees it: submit images for a target identity,
+read back one similarity score per image, within a query budget.
+
+`SimilarityOracle` is the contract; black-box attacks (eigenfaces and the baselines) talk to
+it and never know which implementation answers:
+
+- `InProcessOracle`: the scoring code of the service (`fl_sim.faces`: the same embedder,
+  template and similarity), in this process, for benchmarks that need tens of thousands of
+  queries without HTTP in the way;
+- `HttpOracle`: a client of the similarity-oracle service (`fl-sim oracle serve`, API v1):
+  one reused connection, batches split to the service's limit, retries with backoff on 429
+  and 5xx (honouring Retry-After), and an exact count of the images scored, which equals
+  the service's usage counter for the key.
+
+Both count queries the same way: one query per image scored. A batch that does not fit in
+the budget left is refused whole (`BudgetExhausted`), never half-scored.
+"""
+from __future__ import annotations
+
+import base64
+import time
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+from fl_sim.faces import embedder, similarity, template_of, to_uint8_rgb
+
+
+class OracleError(RuntimeError):
+    """The oracle refused or failed; the message says why."""
+
+
+class BudgetExhausted(OracleError):
+    """The query budget is spent (or the batch does not fit in what is left)."""
+
+
+@runtime_checkable
+class SimilarityOracle(Protocol):
+    def score(self, images: torch.Tensor) -> np.ndarray:
+        """(N, 3, H, W) RGB in [0, 1] -> (N,) similarity of each image to the target identity."""
+
+    @property
+    def queries(self) -> int:
+        """Images scored so far through this oracle."""
+
+    @property
+    def budget_left(self) -> int | None:
+        """Images that may still be scored (None: no budget)."""
+
+
+class InProcessOracle:
+    """The service's scoring path in this process, against one enrolled identity."""
+
+    def __init__(self, enrolled: torch.Tensor, backend: str = "sface", budget: int | None = None) -> None:
+        """`enrolled`: the target's enrolment images (N, 3, H, W) RGB in [0, 1]."""
+        self._embedder = embedder(backend)
+        self._template = template_of(self._embed(enrolled))
+        self._budget = budget
+        self._queries = 0
+
+    def _embed(self, images: torch.Tensor) -> np.ndarray:
+        # As the service sees an uploaded image: 8-bit RGB at the model's input size.
+        size = self._embedder.input_size
+        return self._embedder.embed(torch.from_numpy(to_uint8_rgb(images, size)).permute(0, 3, 1, 2).float() / 255)
+
+    def score(self, images: torch.Tensor) -> np.ndarray:
+        n = len(images)
+        if self._budget is not None and self._queries + n > self._budget:
+            raise BudgetExhausted(f"{n} images asked, {self._budget - self._queries} left of {self._budget}")
+        scores = similarity(self._embed(images), self._template)
+        self._queries += n
+        return scores
+
+    @property
+    def queries(self) -> int:
+        return self._queries
+
+    @property
+    def budget_left(self) -> int | None:
+        return None if self._budget is None else self._budget - self._queries
+
+
+def encode_array(images: torch.Tensor) -> dict:
+    """The API's compact image encoding: raw uint8 RGB, (N, H, W, 3), base64."""
+    arr = np.ascontiguousarray(to_uint8_rgb(images, images.shape[-1]))
+    return {"dtype": "uint8", "shape": list(arr.shape), "data": base64.b64encode(arr.tobytes()).decode()}
+
+
+class HttpOracle:
+    """A client of the similarity-oracle service for one target identity."""
+
+    def __init__(self, url: str, key: str, identity: str, max_batch: int = 256, timeout: float = 60.0,
+                 retries: int = 6, backoff: float = 0.5) -> None:
+        import httpx
+
+        self.identity = identity
+        self.max_batch = max_batch
+        self.retries = retries
+        self.backoff = backoff
+        self._client = httpx.Client(base_url=url.rstrip("/"), timeout=timeout,
+                                    headers={"Authorization": f"Bearer {key}"})
+        self._queries = 0
+        self._budget_left: int | None = None
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "HttpOracle":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def score(self, images: torch.Tensor) -> np.ndarray:
+        out = [self._score_batch(images[i:i + self.max_batch]) for i in range(0, len(images), self.max_batch)]
+        return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
+
+    def _score_batch(self, images: torch.Tensor) -> np.ndarray:
+        body = {"array": encode_array(images)}
+        path = f"/v1/identities/{self.identity}/similarity"
+        for attempt in range(self.retries + 1):
+            response = self._client.post(path, json=body)
+            if response.status_code == 200:
+                data = response.json()
+                scores = np.asarray(data["scores"], dtype=np.float32)
+                if len(scores) != len(images):
+                    raise OracleError(f"asked {len(images)} scores, got {len(scores)}")
+                self._queries += len(images)
+                self._budget_left = data.get("budget_left")
+                return scores
+            reason = _reason(response)
+            if response.status_code == 429 and "budget" in reason.lower():
+                raise BudgetExhausted(reason)
+            if response.status_code != 429 and response.status_code < 500:
+                raise OracleError(f"HTTP {response.status_code}: {reason}")
+            if attempt == self.retries:
+                raise OracleError(f"HTTP {response.status_code} after {self.retries} retries: {reason}")
+            wait = response.headers.get("Retry-After")
+            time.sleep(float(wait) if wait else self.backoff * 2 ** attempt)
+        raise AssertionError("unreachable")
+
+    @property
+    def queries(self) -> int:
+        return self._queries
+
+    @property
+    def budget_left(self) -> int | None:
+        return self._budget_left
+
+
+def _reason(response) -> str:
+    try:
+        data = response.json()
+        return f"{data.get('error', '')}: {data.get('reason', '')}".strip(": ")
+    except ValueError:
+        return response.text[:200]
+
+
+__all__ = ["SimilarityOracle", "InProcessOracle", "HttpOracle", "OracleError", "BudgetExhausted", "encode_array"]
