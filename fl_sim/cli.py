@@ -112,6 +112,7 @@ BENCHES = {
     "attack": "benchmarks.attack_speed",
     "federation": "benchmarks.federation_speed",
     "dfleak": "benchmarks.dfleak_table",
+    "oracle": "benchmarks.oracle_speed",
 }
 
 
