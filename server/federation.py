@@ -53,6 +53,7 @@ class Job:
     console: Console = field(default_factory=Console)
     stop: threading.Event = field(default_factory=threading.Event)
     reply_timeout: float = 3600.0
+    node_timeout: float = 300.0  # how long to wait for every client node to join
     attack_failures: list[tuple[int, int, str, str]] = field(default_factory=list)  # filled by serve
 
 
@@ -156,7 +157,7 @@ class Federation:
 
     def map_partitions(self, grid: Grid) -> dict[int, int]:
         """Partition id -> node id, from one query round (node ids are random each run)."""
-        nodes = list(grid.get_node_ids())
+        nodes = self.wait_for_nodes(grid)
         msgs = [Message(RecordDict(), dst_node_id=n, message_type=MessageType.QUERY) for n in nodes]
         replies = self.exchange(grid, msgs)
         mapping: dict[int, int] = {}
@@ -171,6 +172,19 @@ class Federation:
         if len(nodes) != expected:
             log.warning("the federation has %d nodes, the config %d clients", len(nodes), expected)
         return mapping
+
+    def wait_for_nodes(self, grid: Grid) -> list[int]:
+        """The federation's nodes, once all of them have joined. Flower's simulation engine
+        registers its supernodes while the ServerApp starts: asking at once has seen 81 of
+        100, and sampling from a partial population samples other clients than the same
+        config on another engine (or another run) would."""
+        expected = self.config.federation.num_clients
+        deadline = time.monotonic() + self.job.node_timeout
+        nodes = list(grid.get_node_ids())
+        while len(nodes) < expected and time.monotonic() < deadline and not self.job.stop.is_set():
+            time.sleep(0.1)
+            nodes = list(grid.get_node_ids())
+        return nodes
 
     def restore(self) -> tuple[int, dict[str, torch.Tensor]]:
         """First round to run and the global weights to start from."""
