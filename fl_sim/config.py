@@ -36,8 +36,7 @@ class DataConfig(Section):
     def _known_dataset(cls, v: str) -> str:
         from fl_sim.data import DATASETS
 
-        if v not in DATASETS:
-            raise ValueError(f"unknown data set {v!r}; allowed: {', '.join(sorted(DATASETS))}")
+        DATASETS.get(v)  # UnknownName, a ValueError naming the allowed data sets
         return v
 
 
@@ -58,8 +57,7 @@ class ModelConfig(Section):
     def _known_model(cls, v: str) -> str:
         from fl_sim.models import MODELS
 
-        if v not in MODELS:
-            raise ValueError(f"unknown model {v!r}; allowed: {', '.join(sorted(MODELS))}")
+        MODELS.get(v)  # UnknownName, a ValueError naming the allowed models
         return v
 
 

@@ -8,11 +8,7 @@ import threading
 
 import numpy as np
 
-from fl_sim.faces import EMBEDDERS, embedder, similarity, template_of
-
-
-def backend_names() -> list[str]:
-    return sorted(EMBEDDERS)
+from fl_sim.faces import embedder, similarity, template_of
 
 
 class Backend:
@@ -44,4 +40,4 @@ class Backend:
         return [float(s) for s in similarity(self.embed(crops), template)]
 
 
-__all__ = ["Backend", "backend_names"]
+__all__ = ["Backend"]

@@ -42,11 +42,9 @@ class OracleSettings(BaseModel):
     @field_validator("backend")
     @classmethod
     def _known_backend(cls, v: str) -> str:
-        from server.oracle.backend import backend_names
+        from fl_sim.faces import EMBEDDERS
 
-        names = backend_names()
-        if v not in names:
-            raise ValueError(f"unknown face-recognition backend {v!r}; allowed: {', '.join(sorted(names))}")
+        EMBEDDERS.get(v)  # UnknownName, a ValueError naming the allowed backends
         return v
 
     @field_validator("aligner")
@@ -54,8 +52,7 @@ class OracleSettings(BaseModel):
     def _known_aligner(cls, v: str) -> str:
         from server.oracle.images import ALIGNERS
 
-        if v not in ALIGNERS:
-            raise ValueError(f"unknown aligner {v!r}; allowed: {', '.join(ALIGNERS.names())}")
+        ALIGNERS.get(v)  # UnknownName, a ValueError naming the allowed aligners
         return v
 
 
