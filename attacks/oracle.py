@@ -13,7 +13,11 @@ it and never know which implementation answers:
   the service's usage counter for the key.
 
 Both count queries the same way: one query per image scored. A batch that does not fit in
-the budget left is refused whole (`BudgetExhausted`), never half-scored.
+the budget left is refused whole (`BudgetExhausted`), never half-scored. Both meet the same
+defenses (`fl_sim.oracle_defenses`: noise, rounding, decision-only output, the face gate,
+the stateful detector, identity budgets): a refused batch raises `QueryRefused` with the
+service's error code (`KeyBlocked` once the detector has blocked the caller) and costs
+no queries.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from typing import Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from fl_sim import oracle_defenses as od
 from fl_sim.faces import embedder, similarity, template_of, to_uint8_rgb
 
 
@@ -33,6 +38,22 @@ class OracleError(RuntimeError):
 
 class BudgetExhausted(OracleError):
     """The query budget is spent (or the batch does not fit in what is left)."""
+
+
+class QueryRefused(OracleError):
+    """The oracle's defenses refused the batch (`code`: no_face, key_blocked, ...); nothing was scored."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.code = code
+
+
+class KeyBlocked(QueryRefused):
+    """The stateful detector has blocked this caller: no further query will be answered."""
+
+
+def _refused(code: str, reason: str) -> QueryRefused:
+    return (KeyBlocked if code == "key_blocked" else QueryRefused)(code, reason)
 
 
 @runtime_checkable
@@ -50,27 +71,59 @@ class SimilarityOracle(Protocol):
 
 
 class InProcessOracle:
-    """The service's scoring path in this process, against one enrolled identity."""
+    """The service's scoring path in this process, against one enrolled identity, behind the
+    same defenses as the service (`defenses`; none by default)."""
 
-    def __init__(self, enrolled: torch.Tensor, backend: str = "sface", budget: int | None = None) -> None:
-        """`enrolled`: the target's enrolment images (N, 3, H, W) RGB in [0, 1]."""
+    def __init__(self, enrolled: torch.Tensor, backend: str = "sface", budget: int | None = None,
+                 defenses: od.OracleDefenses | None = None, seed: int = 0) -> None:
+        """`enrolled`: the target's enrolment images (N, 3, H, W) RGB in [0, 1]. `seed` fixes
+        the secret behind hashed noise and the fresh-noise generator."""
         self._embedder = embedder(backend)
-        self._template = template_of(self._embed(enrolled))
-        self._budget = budget
+        self._template = template_of(self._embed(self._crops(enrolled)))
+        self.defenses = defenses or od.OracleDefenses()
+        budgets = [b for b in (budget, self.defenses.identity_budget) if b is not None]
+        self._budget = min(budgets) if budgets else None  # one caller, one identity: both budgets are one
+        self._detector = od.StatefulDetector(self.defenses.detector) if self.defenses.detector else None
+        self._secret = np.random.default_rng(seed).bytes(32)
+        self._rng = np.random.default_rng(seed + 1)
         self._queries = 0
+        self._blocked = False
+        self.flagged_at: int | None = None  # the query count at the detector's first flag
 
-    def _embed(self, images: torch.Tensor) -> np.ndarray:
+    def _crops(self, images: torch.Tensor) -> np.ndarray:
         # As the service sees an uploaded image: 8-bit RGB at the model's input size.
-        size = self._embedder.input_size
-        return self._embedder.embed(torch.from_numpy(to_uint8_rgb(images, size)).permute(0, 3, 1, 2).float() / 255)
+        return to_uint8_rgb(images, self._embedder.input_size)
+
+    def _embed(self, crops: np.ndarray) -> np.ndarray:
+        return self._embedder.embed(torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255)
 
     def score(self, images: torch.Tensor) -> np.ndarray:
         n = len(images)
+        crops = self._crops(images)
+        if self._blocked:
+            raise KeyBlocked("key_blocked", "this caller was blocked by the query-pattern detector")
+        try:
+            if self.defenses.face_gate is not None:
+                od.gate_faces(crops, self.defenses.face_gate)
+            if self._detector is not None:
+                self._check_pattern(crops, n)
+        except od.QueryRefused as exc:
+            raise _refused(exc.code, exc.reason) from None
         if self._budget is not None and self._queries + n > self._budget:
             raise BudgetExhausted(f"{n} images asked, {self._budget - self._queries} left of {self._budget}")
-        scores = similarity(self._embed(images), self._template)
+        raw = similarity(self._embed(crops), self._template)
         self._queries += n
-        return scores
+        return od.transform_scores(raw, crops, "target", self.defenses, self._secret, self._rng).astype(np.float32)
+
+    def _check_pattern(self, crops: np.ndarray, n: int) -> None:
+        verdict = self._detector.observe("caller", crops)
+        if verdict.flagged:
+            if self.flagged_at is None:
+                self.flagged_at = self._queries + n
+            if self.defenses.detector.action == "block":
+                self._blocked = True
+                raise od.QueryRefused(403, "key_blocked", f"queries too close to earlier ones (mean k-NN "
+                                      f"distance {verdict.distance:.3f})")
 
     @property
     def queries(self) -> int:
@@ -129,9 +182,11 @@ class HttpOracle:
                 self._queries += len(images)
                 self._budget_left = data.get("budget_left")
                 return scores
-            reason = _reason(response)
-            if response.status_code == 429 and "budget" in reason.lower():
+            code, reason = _reason(response)
+            if response.status_code == 429 and "budget" in code:
                 raise BudgetExhausted(reason)
+            if code in ("no_face", "key_blocked"):
+                raise _refused(code, reason)
             if response.status_code != 429 and response.status_code < 500:
                 raise OracleError(f"HTTP {response.status_code}: {reason}")
             if attempt == self.retries:
@@ -149,12 +204,15 @@ class HttpOracle:
         return self._budget_left
 
 
-def _reason(response) -> str:
+def _reason(response) -> tuple[str, str]:
+    """(error code, "code: reason") of an error answer."""
     try:
         data = response.json()
-        return f"{data.get('error', '')}: {data.get('reason', '')}".strip(": ")
+        code = str(data.get("error", ""))
+        return code, f"{code}: {data.get('reason', '')}".strip(": ")
     except ValueError:
-        return response.text[:200]
+        return "", response.text[:200]
 
 
-__all__ = ["SimilarityOracle", "InProcessOracle", "HttpOracle", "OracleError", "BudgetExhausted", "encode_array"]
+__all__ = ["SimilarityOracle", "InProcessOracle", "HttpOracle", "OracleError", "BudgetExhausted", "QueryRefused",
+           "KeyBlocked", "encode_array"]

@@ -435,6 +435,83 @@ def test_token_bucket():
 
 
 # ---------------------------------------------------------------------------------------
+# a deployment with its defenses switched on
+
+
+def perturbation_stream(base: np.ndarray, n: int, std: float, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    x = base[None].astype(np.float32) / 255 + rng.normal(0, std, (n,) + base.shape)
+    return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def defended(tmp_path_factory, orl):
+    """A second service: rounding, hashed noise, the detector (block), an identity budget."""
+    folder = tmp_path_factory.mktemp("defended")
+    server = OracleProcess(folder, max_batch=MAX_BATCH, rate_per_second=1000.0, threads=2, defenses={
+        "noise": {"std": 0.02, "mode": "hashed"}, "rounding": {"decimals": 2},
+        "detector": {"k": 10, "threshold": 1.5, "action": "block"}, "identity_budget": 40})
+    admin = Store(server.db).create_key("admin")[1]
+    server.start()
+    images, ids = orl
+    with client(server, admin) as c:
+        for person in (0, 1):
+            r = c.post("/v1/identities", json={"id": f"p{person}", "images": [png(x) for x in images[ids == person][:4]]})
+            assert r.status_code == 201, r.text
+    yield server, admin
+    server.stop()
+
+
+def test_defended_service_noises_rounds_budgets_and_blocks(defended, orl):
+    from attacks.oracle import HttpOracle, KeyBlocked
+
+    server, admin = defended
+    images, ids = orl
+    url = "/v1/identities/p0/similarity"
+    probe = images[ids == 0][4:8]
+    with client(server, new_key(server, "query")) as q:
+        first = q.post(url, json=array_payload(probe)).json()
+        again = q.post(url, json=array_payload(probe)).json()
+        assert first["scores"] == again["scores"] and first["output"] == "similarity"
+        assert all(abs(s * 100 - round(s * 100)) < 1e-6 for s in first["scores"])  # 2 decimals
+    # the identity budget (40 images) holds across keys: 8 used above, 32 fit, then 429
+    with client(server, new_key(server, "query")) as other:
+        strangers = images[ids >= 2]
+        assert other.post(url, json=array_payload(strangers[:16])).status_code == 200
+        assert other.post(url, json=array_payload(strangers[16:32])).status_code == 200
+        assert_error(other.post(url, json=array_payload(strangers[32:33])), 429, "identity_budget_exhausted")
+        assert other.post("/v1/identities/p1/similarity", json=array_payload(images[ids == 4][:1])).status_code == 200
+
+    # a search's queries crowd together: the detector blocks the key, and nothing refused is counted
+    key = new_key(server, "query")
+    stream = perturbation_stream(images[ids == 1][5], 32, std=0.05)
+    with HttpOracle(server.url, key, "p1", max_batch=8) as attacker:
+        attacker.score(torch_images(stream[:8]))  # fewer than k earlier queries: no verdict yet
+        with pytest.raises(KeyBlocked):
+            attacker.score(torch_images(stream[8:16]))
+        with pytest.raises(KeyBlocked):  # blocked for good, whatever it sends next
+            attacker.score(torch_images(images[ids == 5][:2]))
+        assert attacker.queries == 8
+    with client(server, key) as q:
+        usage = q.get("/v1/usage").json()
+    assert usage["queries"] == 8 and usage["rejected"] == 2
+    with client(server, admin) as c:
+        stats = c.get("/v1/stats").json()
+    assert set(stats["defenses"]) == {"noise", "rounding", "detector", "identity_budget"}
+    assert stats["rejections"]["key_blocked"] == 2 and stats["rejections"]["identity_budget_exhausted"] == 1
+    [flag] = stats["flags"]
+    assert flag["blocked"] and flag["queries"] == 16 and flag["distance"] < 1.5
+    logged = [r for r in Store(server.db).audit_rows() if r[5] == 403]
+    assert len(logged) == 2 and {r[6] for r in logged} == {"key_blocked"}
+
+
+def torch_images(crops: np.ndarray):
+    import torch
+
+    return torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 255
+
+
+# ---------------------------------------------------------------------------------------
 # durability
 
 
@@ -554,7 +631,7 @@ def test_schema_driven_fuzzing_finds_no_server_error(tmp_path):
         done = subprocess.run([sys.executable, "-m", "schemathesis.cli", "run", f"{server.url}/openapi.json",
                                "--checks", "not_a_server_error", "--header", f"Authorization: Bearer {admin}",
                                "--max-examples", "25", "--seed", "1", "--no-color"],
-                              capture_output=True, text=True, timeout=600)
+                              capture_output=True, text=True, timeout=600, cwd=tmp_path)  # its cache goes there
         assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
         assert "passed" in done.stdout
     finally:

@@ -7,8 +7,13 @@ body over max_body_bytes 413; then the body is read and handed on. Before the an
 byte goes out, one audit row is written (a 4xx also counts as `rejected` for the key), so a
 client that has its answer finds it in the log and in its usage. Inside, a
 dependency checks the key's role (403), FastAPI checks JSON and schema (422), the handlers
-decode images (415/413/422) before any budget is taken; the budget is taken atomically
-before scoring and given back if scoring fails, so a rejected request costs nothing.
+decode images (415/413/422) before any budget is taken. Then the deployment's defenses
+(fl_sim.oracle_defenses, shared with the in-process oracle): a blocked key is refused (403),
+the face gate refuses images without a face (422 no_face), the stateful detector flags or
+blocks a key whose queries crowd together (403 key_blocked); the key's and the identity's
+budgets are taken atomically before scoring and given back if scoring fails, so a refused
+request costs nothing; the scores are noised, rounded or reduced to a decision last. Every
+refusal is in the audit log with its error code (`GET /v1/stats`).
 """
 from __future__ import annotations
 
@@ -23,6 +28,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from fl_sim.oracle_defenses import QueryRefused, StatefulDetector, gate_faces, output_kind, transform_scores
 from server.oracle.backend import Backend
 from server.oracle.images import ImageError, decode_array, decode_images
 from server.oracle.ratelimit import TokenBuckets, retry_after
@@ -33,8 +39,10 @@ from server.oracle.schemas import (
     Health,
     IdentityInfo,
     IdentityList,
+    FlagInfo,
     SimilarityRequest,
     SimilarityResponse,
+    Stats,
     UsageResponse,
 )
 from server.oracle.settings import OracleSettings
@@ -51,8 +59,15 @@ class ApiError(Exception):
         self.status, self.error, self.reason, self.headers = status, error, reason, headers
 
 
-def error_response(status: int, error: str, reason: str, headers: dict[str, str] | None = None) -> JSONResponse:
+def error_response(status: int, error: str, reason: str, headers: dict[str, str] | None = None,
+                   audit: AuditRow | None = None) -> JSONResponse:
+    if audit is not None:
+        audit.error = error  # the audit log keeps why a request was refused
     return JSONResponse({"error": error, "reason": reason}, status_code=status, headers=headers)
+
+
+def _audit_of(request: Request) -> AuditRow | None:
+    return getattr(request.state, "audit", None)
 
 
 _HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
@@ -104,7 +119,8 @@ class Guard:
             if rejection is None:
                 body = await self._read_body(scope, receive)
                 if body is None:
-                    rejection = error_response(413, "body_too_large", f"request body over {self.max_body_bytes} bytes")
+                    rejection = error_response(413, "body_too_large", f"request body over {self.max_body_bytes} bytes",
+                                               audit=row)
             if rejection is not None:
                 await rejection(scope, receive, send_)
                 return
@@ -132,14 +148,14 @@ class Guard:
             if scope["path"] in PUBLIC_PATHS:
                 return None
             reason = "unknown API key" if header else "send the header 'Authorization: Bearer <key>'"
-            return error_response(401, "unauthorized", reason, {"WWW-Authenticate": "Bearer"})
+            return error_response(401, "unauthorized", reason, {"WWW-Authenticate": "Bearer"}, audit=row)
         state["key"] = key
         row.key_id = key.key_id
         await anyio.to_thread.run_sync(self.store.count_request, key.key_id)
         wait = self.buckets.take(key.key_id)
         if wait > 0:
             return error_response(429, "rate_limited", f"over {self.buckets.rate:g} requests per second for this key",
-                                  {"Retry-After": retry_after(wait)})
+                                  {"Retry-After": retry_after(wait)}, audit=row)
         return None
 
     async def _read_body(self, scope: Scope, receive: Receive) -> bytes | None:
@@ -182,12 +198,15 @@ def _validation_reason(exc: RequestValidationError) -> str:
 
 def create_app(settings: OracleSettings, backend: Backend | None = None, store: Store | None = None) -> FastAPI:
     store = store or Store(settings.db)
-    backend = backend or Backend(settings.backend, settings.threads)
+    backend = backend or Backend(settings.backend, settings.threads, max_images=settings.max_batch)
     others = store.backends() - {backend.name}
     if others:
         raise ValueError(f"the store {settings.db} holds templates of backend(s) {', '.join(sorted(others))}; "
                          f"this service runs {backend.name!r}: use another db or the same backend")
     buckets = TokenBuckets(settings.rate_per_second)
+    defenses = settings.defenses
+    detector = StatefulDetector(defenses.detector) if defenses.detector is not None else None
+    secret = store.secret()
     errors = {code: {"model": ErrorBody} for code in (401, 403, 404, 413, 415, 422, 429)}
 
     app = FastAPI(title="fl-sim similarity oracle", version="1",
@@ -199,21 +218,22 @@ def create_app(settings: OracleSettings, backend: Backend | None = None, store: 
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.error, exc.reason, exc.headers)
+        return error_response(exc.status, exc.error, exc.reason, exc.headers, audit=_audit_of(request))
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "invalid_request", _validation_reason(exc))
+        return error_response(422, "invalid_request", _validation_reason(exc), audit=_audit_of(request))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, _HTTP_CODES.get(exc.status_code, "error"), str(exc.detail),
-                              getattr(exc, "headers", None))
+                              getattr(exc, "headers", None), audit=_audit_of(request))
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> JSONResponse:
         log.exception("internal error")
-        return error_response(500, "internal", "the oracle failed on this request; it is logged")
+        return error_response(500, "internal", "the oracle failed on this request; it is logged",
+                              audit=_audit_of(request))
 
     bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <key>")
 
@@ -297,19 +317,48 @@ def create_app(settings: OracleSettings, backend: Backend | None = None, store: 
                 raise ApiError(exc.status, exc.code, exc.reason) from None
         n = len(crops)
         audit.images = n
+        if store.is_blocked(key.key_id):
+            raise ApiError(403, "key_blocked", "this key was blocked by the oracle's query-pattern detector")
+        try:
+            if defenses.face_gate is not None:
+                gate_faces(crops, defenses.face_gate)
+            if detector is not None:
+                check_pattern(key, crops, n)
+        except QueryRefused as exc:
+            raise ApiError(exc.status, exc.code, exc.reason) from None
         budget = budget_of(key)
-        used = store.reserve_queries(key.key_id, n, budget)
+        used = store.reserve_queries(key.key_id, n, budget, identity, defenses.identity_budget)
         if used is None:
             spent = store.usage(key.key_id).queries
             raise ApiError(429, "budget_exhausted", f"this key's query budget is {budget} images and {spent} are "
                            f"used; {n} more do not fit", {"Retry-After": str(BUDGET_RETRY_AFTER)})
+        if used == "identity":
+            raise ApiError(429, "identity_budget_exhausted",
+                           f"identity {identity!r} may be queried {defenses.identity_budget} times in all and "
+                           f"{store.identity_queries(identity)} are used; {n} more do not fit",
+                           {"Retry-After": str(BUDGET_RETRY_AFTER)})
         try:
-            scores = backend.scores(crops, template)
+            raw = backend.scores(crops, template)
         except BaseException:
-            store.refund_queries(key.key_id, n)
+            store.refund_queries(key.key_id, n, identity)
             raise
-        return SimilarityResponse(scores=scores, queries_used=used,
+        scores = transform_scores(raw, crops, identity, defenses, secret)
+        return SimilarityResponse(scores=scores.tolist(), output=output_kind(defenses), queries_used=used,
                                   budget_left=None if budget is None else budget - used)
+
+    def check_pattern(key: KeyRecord, crops, n: int) -> None:
+        """The stateful detector: a flagged batch is recorded; under `block` the key is refused."""
+        verdict = detector.observe(key.key_id, crops)
+        if not verdict.flagged:
+            return
+        block = defenses.detector.action == "block"
+        store.add_flag(key.key_id, store.usage(key.key_id).queries + n, verdict.distance, blocked=block)
+        log.warning("key %s flagged by the query-pattern detector (mean k-NN distance %.3f)%s",
+                    key.key_id, verdict.distance, "; blocked" if block else "")
+        if block:
+            raise QueryRefused(403, "key_blocked", "queries too close to this key's earlier ones (mean distance "
+                               f"{verdict.distance:.3f} to the {defenses.detector.k} nearest < "
+                               f"{defenses.detector.threshold:g}); the key is blocked")
 
     @app.get("/v1/usage", response_model=UsageResponse, tags=["query"])
     def usage(key: KeyRecord = Depends(authorised("query", "admin"))) -> UsageResponse:
@@ -317,6 +366,13 @@ def create_app(settings: OracleSettings, backend: Backend | None = None, store: 
         budget = budget_of(key)
         return UsageResponse(key_id=key.key_id, role=key.role, requests=u.requests, queries=u.queries,
                              rejected=u.rejected, budget_left=None if budget is None else max(0, budget - u.queries))
+
+    @app.get("/v1/stats", response_model=Stats, tags=["admin"])
+    def stats(key: KeyRecord = Depends(authorised("admin"))) -> Stats:
+        """The deployment's defenses, refusals by error code, and the detector's flags."""
+        return Stats(defenses=defenses.active(), rejections=store.rejections(),
+                     flags=[FlagInfo(key_id=f.key_id, time=f.time, queries=f.queries, distance=f.distance,
+                                     blocked=f.blocked) for f in store.flags()])
 
     return app
 
@@ -327,8 +383,9 @@ def serve(settings: OracleSettings) -> None:
 
     app = create_app(settings)
     store: Store = app.state.store
+    active = ", ".join(settings.defenses.active()) or "none"
     print(f"oracle: http://{settings.host}:{settings.port} backend {settings.backend}, "
-          f"{store.count_identities()} identities, store {settings.db}", flush=True)
+          f"{store.count_identities()} identities, store {settings.db}, defenses: {active}", flush=True)
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning",
                 limit_concurrency=256, timeout_graceful_shutdown=5)
 

@@ -66,7 +66,10 @@ class SimilarityRequest(Body):
 
 
 class SimilarityResponse(Body):
-    scores: list[float]
+    scores: list[float] = Field(description="one per image, in order: cosine similarity to the identity's "
+                                            "template (after the deployment's noise and rounding), or 1.0 / 0.0 "
+                                            "when the output is a decision")
+    output: Literal["similarity", "decision"] = "similarity"
     queries_used: int = Field(description="this key's images scored, this request included")
     budget_left: int | None
 
@@ -78,3 +81,17 @@ class UsageResponse(Body):
     queries: int
     rejected: int
     budget_left: int | None
+
+
+class FlagInfo(Body):
+    key_id: str
+    time: str
+    queries: int = Field(description="the key's images scored when it was flagged")
+    distance: float = Field(description="the flagged batch's smallest mean k-NN distance")
+    blocked: bool
+
+
+class Stats(Body):
+    defenses: list[str] = Field(description="the defenses this deployment runs")
+    rejections: dict[str, int] = Field(description="refused requests by error code")
+    flags: list[FlagInfo]

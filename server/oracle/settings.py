@@ -11,13 +11,18 @@
     rate_per_second: 10      # per key, token bucket (burst = max(1, rate)); over it: 429
     query_budget: null       # images a query key may have scored in all; null = unlimited
     threads: 2               # requests embedded at once
+    defenses: {}             # score defenses, all off by default; see fl_sim.oracle_defenses:
+                             # face_gate, detector, noise, rounding, decision, identity_budget
 """
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from fl_sim.oracle_defenses import OracleDefenses
 
 
 class OracleSettingsError(ValueError):
@@ -38,6 +43,7 @@ class OracleSettings(BaseModel):
     rate_per_second: float = Field(10.0, gt=0)
     query_budget: int | None = Field(None, ge=0)
     threads: int = Field(2, ge=1, le=64)
+    defenses: OracleDefenses = Field(default_factory=OracleDefenses)
 
     @field_validator("backend")
     @classmethod
@@ -82,9 +88,22 @@ def describe_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
     key = "oracle." + ".".join(str(p) for p in err["loc"]) if err["loc"] else "oracle"
     if err["type"] == "extra_forbidden":
-        return f"unknown key {key!r}; allowed keys: {', '.join(OracleSettings.model_fields)}"
+        return f"unknown key {key!r}; allowed keys: {', '.join(_allowed_keys(err['loc']))}"
     msg = err["msg"].removeprefix("Value error, ")
     return f"{key}: {msg} (got {err.get('input')!r})"
+
+
+def _allowed_keys(loc: tuple) -> list[str]:
+    """The keys allowed beside the unknown one at `loc` (nested sections included)."""
+    model: type[BaseModel] = OracleSettings
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        kinds = typing.get_args(field.annotation) or (field.annotation,) if field else ()
+        inner = next((k for k in kinds if isinstance(k, type) and issubclass(k, BaseModel)), None)
+        if inner is None:
+            return list(model.model_fields)
+        model = inner
+    return list(model.model_fields)
 
 
 __all__ = ["OracleSettings", "OracleSettingsError", "load_settings", "parse_settings"]

@@ -3,7 +3,12 @@
     identities  id, template (float32 bytes, L2-normalised), dim, images, backend, created
     api_keys    key_id, sha256 of the key (the key itself is never stored), role, created, budget
     usage       per key: requests, queries (images scored), rejected (answered 4xx)
-    audit       one row per request: time, key_id, endpoint, identity, images, status
+    audit       one row per request: time, key_id, endpoint, identity, images, status, error
+                (the error code of a refused request: no_face, key_blocked, budget_exhausted, ...)
+    identity_usage  per identity: images scored against it (all keys; its query budget)
+    flags       the stateful detector's flags: key_id, time, queries (the key's count then),
+                distance, blocked (1 when the key was blocked there)
+    meta        the service's secret (keys the hashed score noise; made once, kept)
 
 An enrollment is one INSERT in one transaction (synchronous=FULL): after a crash the identity
 is either there with its template, or absent. Templates are read only to score; nothing here
@@ -60,7 +65,27 @@ CREATE TABLE IF NOT EXISTS audit (
     images INTEGER NOT NULL DEFAULT 0,
     status INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS identity_usage (
+    identity TEXT PRIMARY KEY,
+    queries INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS flags (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    key_id TEXT NOT NULL,
+    time TEXT NOT NULL,
+    queries INTEGER NOT NULL,
+    distance REAL NOT NULL,
+    blocked INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    name TEXT PRIMARY KEY,
+    value BLOB NOT NULL
+);
 """
+
+# Columns added after a store may have been created: (table, column, declaration).
+MIGRATIONS = [("audit", "error", "TEXT")]
+
 
 
 class IdentityExists(ValueError):
@@ -97,6 +122,16 @@ class AuditRow:
     identity: str | None = None
     images: int = 0
     status: int = 0
+    error: str | None = None  # the error code of a refused request
+
+
+@dataclass(frozen=True)
+class Flag:
+    key_id: str
+    time: str
+    queries: int  # the key's images scored when it was flagged
+    distance: float
+    blocked: bool
 
 
 def now() -> str:
@@ -114,6 +149,10 @@ class Store:
         self._local = threading.local()
         db = self._db()
         db.executescript(SCHEMA)
+        for table, column, declaration in MIGRATIONS:
+            columns = {r[1] for r in db.execute(f"PRAGMA table_info({table})")}
+            if column not in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
 
     # -- connections --------------------------------------------------------------
     def _db(self) -> sqlite3.Connection:
@@ -209,18 +248,60 @@ class Store:
             db.execute("INSERT INTO usage (key_id, requests) VALUES (?, 1) "
                        "ON CONFLICT (key_id) DO UPDATE SET requests = requests + 1", (key_id,))
 
-    def reserve_queries(self, key_id: str, n: int, budget: int | None) -> int | None:
-        """Count n more images scored for the key if its budget allows: the new total, or None
-        (nothing counted) when it would go over."""
+    def reserve_queries(self, key_id: str, n: int, budget: int | None, identity: str | None = None,
+                        identity_budget: int | None = None) -> int | None | Literal["identity"]:
+        """Count n more images scored for the key (and against the identity) if both budgets
+        allow: the key's new total; None when the key's budget would go over, "identity" when
+        the identity's would. Nothing is counted unless everything fits (one transaction)."""
         with self._tx() as db:
             row = db.execute("UPDATE usage SET queries = queries + ? WHERE key_id = ? "
                              "AND (? IS NULL OR queries + ? <= ?) RETURNING queries",
                              (n, key_id, budget, n, budget)).fetchone()
-        return None if row is None else int(row[0])
+            if row is None:
+                return None
+            if identity is not None:
+                db.execute("INSERT INTO identity_usage (identity, queries) VALUES (?, 0) "
+                           "ON CONFLICT (identity) DO NOTHING", (identity,))
+                fits = db.execute("UPDATE identity_usage SET queries = queries + ? WHERE identity = ? "
+                                  "AND (? IS NULL OR queries + ? <= ?) RETURNING queries",
+                                  (n, identity, identity_budget, n, identity_budget)).fetchone()
+                if fits is None:
+                    db.execute("UPDATE usage SET queries = queries - ? WHERE key_id = ?", (n, key_id))
+                    return "identity"
+        return int(row[0])
 
-    def refund_queries(self, key_id: str, n: int) -> None:
+    def refund_queries(self, key_id: str, n: int, identity: str | None = None) -> None:
         with self._tx() as db:
             db.execute("UPDATE usage SET queries = MAX(0, queries - ?) WHERE key_id = ?", (n, key_id))
+            if identity is not None:
+                db.execute("UPDATE identity_usage SET queries = MAX(0, queries - ?) WHERE identity = ?",
+                           (n, identity))
+
+    def identity_queries(self, identity: str) -> int:
+        row = self._db().execute("SELECT queries FROM identity_usage WHERE identity = ?", (identity,)).fetchone()
+        return 0 if row is None else int(row[0])
+
+    # -- the stateful detector's flags and blocks ---------------------------------------
+    def add_flag(self, key_id: str, queries: int, distance: float, blocked: bool) -> None:
+        with self._tx() as db:
+            db.execute("INSERT INTO flags (key_id, time, queries, distance, blocked) VALUES (?, ?, ?, ?, ?)",
+                       (key_id, now(), queries, distance, int(blocked)))
+
+    def flags(self, key_id: str | None = None) -> list[Flag]:
+        rows = self._db().execute("SELECT key_id, time, queries, distance, blocked FROM flags "
+                                  "WHERE ? IS NULL OR key_id = ? ORDER BY seq", (key_id, key_id))
+        return [Flag(k, t, q, d, bool(b)) for k, t, q, d, b in rows]
+
+    def is_blocked(self, key_id: str) -> bool:
+        return self._db().execute("SELECT 1 FROM flags WHERE key_id = ? AND blocked = 1 LIMIT 1",
+                                  (key_id,)).fetchone() is not None
+
+    def secret(self) -> bytes:
+        """The service's secret, made on first use and kept (hashed noise stays fixed across restarts)."""
+        with self._tx() as db:
+            db.execute("INSERT INTO meta (name, value) VALUES ('secret', ?) ON CONFLICT (name) DO NOTHING",
+                       (secrets.token_bytes(32),))
+            return bytes(db.execute("SELECT value FROM meta WHERE name = 'secret'").fetchone()[0])
 
     def usage(self, key_id: str) -> Usage:
         row = self._db().execute("SELECT requests, queries, rejected FROM usage WHERE key_id = ?",
@@ -230,15 +311,21 @@ class Store:
     def record(self, row: AuditRow) -> None:
         """The audit row of a finished request; a rejected one (4xx) also counts as rejected."""
         with self._tx() as db:
-            db.execute("INSERT INTO audit (time, key_id, endpoint, identity, images, status) "
-                       "VALUES (?, ?, ?, ?, ?, ?)",
-                       (now(), row.key_id, row.endpoint, row.identity, row.images, row.status))
+            db.execute("INSERT INTO audit (time, key_id, endpoint, identity, images, status, error) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                       (now(), row.key_id, row.endpoint, row.identity, row.images, row.status, row.error))
             if row.key_id is not None and 400 <= row.status < 500:
                 db.execute("UPDATE usage SET rejected = rejected + 1 WHERE key_id = ?", (row.key_id,))
 
     def audit_rows(self, limit: int = 1000) -> list[tuple]:
-        return self._db().execute("SELECT time, key_id, endpoint, identity, images, status FROM audit "
+        return self._db().execute("SELECT time, key_id, endpoint, identity, images, status, error FROM audit "
                                   "ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
 
+    def rejections(self) -> dict[str, int]:
+        """Refused requests by error code (every 4xx the audit log holds)."""
+        rows = self._db().execute("SELECT COALESCE(error, CAST(status AS TEXT)), COUNT(*) FROM audit "
+                                  "WHERE status >= 400 AND status < 500 GROUP BY 1 ORDER BY 2 DESC")
+        return {code: int(n) for code, n in rows}
 
-__all__ = ["Store", "KeyRecord", "IdentityRecord", "Usage", "AuditRow", "IdentityExists", "ROLES", "key_hash"]
+
+__all__ = ["Store", "KeyRecord", "IdentityRecord", "Usage", "AuditRow", "Flag", "IdentityExists", "ROLES", "key_hash"]
