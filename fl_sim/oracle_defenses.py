@@ -97,15 +97,12 @@ class QueryRefused(Exception):
 
 def gate_faces(images: list[np.ndarray] | np.ndarray, settings: FaceGateSettings) -> None:
     """Refuse (422 no_face) when any image holds no face YuNet scores >= min_score."""
-    from fl_sim.face_detection import shared_detector
+    from fl_sim.face_detection import has_face
 
-    detector = shared_detector()
     for i, image in enumerate(images):
-        found = detector.detect(np.asarray(image))
-        if not found or found[0].score < settings.min_score:
-            best = f"best face score {found[0].score:.2f}" if found else "no face found"
-            raise QueryRefused(422, "no_face", f"images[{i}]: {best}; this oracle scores faces only "
-                                               f"(face score >= {settings.min_score:g})")
+        if not has_face(np.asarray(image), settings.min_score):
+            raise QueryRefused(422, "no_face", f"images[{i}]: no face found (YuNet score >= {settings.min_score:g}); "
+                                               "this oracle scores faces only")
 
 
 # ---------------------------------------------------------------------------------------

@@ -142,3 +142,22 @@ def test_in_process_oracle_identity_budget_and_noise(orl):
     with pytest.raises(BudgetExhausted):
         noisy.score(probe)  # 8 used of 10; 4 more do not fit
     assert noisy.queries == 8 and noisy.budget_left == 2
+
+
+def test_face_gate_refuses_faceless_queries_at_no_cost(orl):
+    from attacks.oracle import QueryRefused
+    from attacks.score_search import BlobDirections
+
+    images, ids = orl
+    oracle = InProcessOracle(tensor(images[ids == 0][:4]), defenses=od.OracleDefenses(face_gate={"min_score": 0.6}))
+    assert len(oracle.score(tensor(images[ids == 1][:4]))) == 4  # faces pass
+    # a search's faces pass too (the incumbent plus small noise)
+    assert len(oracle.score(tensor(perturbation_stream(images[ids == 2][0], 8, std=0.05)))) == 8
+    with pytest.raises(QueryRefused) as refused:
+        oracle.score(tensor(noise_images(2)))
+    assert refused.value.code == "no_face"
+    grey = torch.full((1, 3, 112, 112), 0.5)
+    blob = (grey + 20 * BlobDirections(112).sample(1, torch.Generator().manual_seed(0), 0.0)).clamp(0, 1)
+    with pytest.raises(QueryRefused):
+        oracle.score(blob)  # the blobs baseline's start, a grey field with a blob, is no face
+    assert oracle.queries == 12  # refused batches cost nothing

@@ -446,11 +446,12 @@ def perturbation_stream(base: np.ndarray, n: int, std: float, seed: int = 0) -> 
 
 @pytest.fixture(scope="module")
 def defended(tmp_path_factory, orl):
-    """A second service: rounding, hashed noise, the detector (block), an identity budget."""
+    """A second service: rounding, hashed noise, the detector (block), an identity budget, the face gate."""
     folder = tmp_path_factory.mktemp("defended")
     server = OracleProcess(folder, max_batch=MAX_BATCH, rate_per_second=1000.0, threads=2, defenses={
         "noise": {"std": 0.02, "mode": "hashed"}, "rounding": {"decimals": 2},
-        "detector": {"k": 10, "threshold": 1.5, "action": "block"}, "identity_budget": 40})
+        "detector": {"k": 10, "threshold": 1.5, "action": "block"}, "identity_budget": 40,
+        "face_gate": {"min_score": 0.6}})
     admin = Store(server.db).create_key("admin")[1]
     server.start()
     images, ids = orl
@@ -474,6 +475,9 @@ def test_defended_service_noises_rounds_budgets_and_blocks(defended, orl):
         again = q.post(url, json=array_payload(probe)).json()
         assert first["scores"] == again["scores"] and first["output"] == "similarity"
         assert all(abs(s * 100 - round(s * 100)) < 1e-6 for s in first["scores"])  # 2 decimals
+        noise = np.random.default_rng(0).integers(0, 256, (1, 112, 112, 3), dtype=np.uint8)
+        assert_error(q.post(url, json=array_payload(noise)), 422, "no_face")
+        assert q.get("/v1/usage").json()["queries"] == 8  # the refused image cost nothing
     # the identity budget (40 images) holds across keys: 8 used above, 32 fit, then 429
     with client(server, new_key(server, "query")) as other:
         strangers = images[ids >= 2]
@@ -497,8 +501,8 @@ def test_defended_service_noises_rounds_budgets_and_blocks(defended, orl):
     assert usage["queries"] == 8 and usage["rejected"] == 2
     with client(server, admin) as c:
         stats = c.get("/v1/stats").json()
-    assert set(stats["defenses"]) == {"noise", "rounding", "detector", "identity_budget"}
-    assert stats["rejections"]["key_blocked"] == 2 and stats["rejections"]["identity_budget_exhausted"] == 1
+    assert set(stats["defenses"]) == {"noise", "rounding", "detector", "identity_budget", "face_gate"}
+    assert stats["rejections"] == {"key_blocked": 2, "identity_budget_exhausted": 1, "no_face": 1}
     [flag] = stats["flags"]
     assert flag["blocked"] and flag["queries"] == 16 and flag["distance"] < 1.5
     logged = [r for r in Store(server.db).audit_rows() if r[5] == 403]

@@ -5,12 +5,19 @@ Two ways in, both checked before any embedding work:
 - a raw array: uint8, shape (N, H, W, 3), C order, base64 of its bytes (H = W = S, the
   backend's input side, is the usual case and passes untouched).
 
-Then an aligner turns each decoded image into an S x S crop. Today the only aligner is
-`resize` (the image is taken to be an aligned face crop and resized exactly as
-fl_sim.faces.to_uint8_rgb does, so the in-process oracle and the service agree). Face detection and
-alignment (YuNet + the five-landmark similarity transform SFace was trained with) is the
-next aligner: register it in ALIGNERS and select it with the `aligner` setting; nothing else
-changes. An aligner that finds no face should raise ImageError with code "no_face".
+Then an aligner (ALIGNERS, chosen by the `aligner` setting) turns each decoded image into an
+S x S crop:
+- `resize`: the image is taken to be an aligned face crop and resized exactly as
+  fl_sim.faces.to_uint8_rgb does, so the in-process oracle and the service agree;
+- `yunet`: the face is found with YuNet and aligned with the five-landmark similarity
+  transform SFace was trained with (fl_sim.face_detection; the crop cv2.FaceRecognizerSF.alignCrop
+  makes). The highest-scoring face is taken; an image with none is refused with
+  ImageError(422, "no_face"). An S x S image is taken to be an aligned crop already and passes
+  untouched, as it does on the raw-array path (which never calls an aligner for it).
+A new aligner registers in ALIGNERS; one that finds no face raises ImageError(422, "no_face").
+
+The face gate (the `face_gate` defense, fl_sim.oracle_defenses) uses the same detector on the
+crops, whatever the aligner, so faceless queries (noise, smooth blobs) never reach the model.
 """
 from __future__ import annotations
 
@@ -24,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from fl_sim.face_detection import SCORE_THRESHOLD, align, face_detector
 from fl_sim.registry import Registry
 
 
@@ -54,6 +62,21 @@ def resize_crop(image: np.ndarray, size: int) -> np.ndarray:
 
     x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float() / 255.0
     return to_uint8_rgb(x, size)[0]
+
+
+FACE_MIN_SCORE = SCORE_THRESHOLD  # the face gate's and the yunet aligner's least detection score
+
+
+@ALIGNERS.register("yunet")
+def yunet_crop(image: np.ndarray, size: int, min_score: float = FACE_MIN_SCORE) -> np.ndarray:
+    """Detect the face (YuNet), take the best one and align it onto the SFace template."""
+    if image.shape[:2] == (size, size):
+        return image
+    face = face_detector(min_score).best(image)
+    if face is None:
+        h, w = image.shape[:2]
+        raise ImageError(422, "no_face", f"no face found in a {w}x{h} image (YuNet score below {min_score})")
+    return align(image, face.landmarks, size)
 
 
 def decode_image(data: str, index: int, max_pixels: int) -> np.ndarray:
@@ -122,4 +145,5 @@ def encode_png(image: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-__all__ = ["ALIGNERS", "ImageError", "decode_array", "decode_images", "decode_image", "encode_png", "resize_crop"]
+__all__ = ["ALIGNERS", "FACE_MIN_SCORE", "ImageError", "decode_array", "decode_images", "decode_image", "encode_png",
+           "resize_crop", "yunet_crop"]
