@@ -1,0 +1,120 @@
+"""Black-box (similarity-only) reconstruction attacks by name, with typed settings:
+
+    eigenface   the random search in an eigenface basis (Razzhigaev et al., Algorithm 1)
+    blobs       the same search with symmetric grey Gaussian blobs (the paper's baseline)
+
+    attack = build_blackbox("eigenface", budget=25000, lr=0.05)
+    result = attack.run(oracle, progress=..., checkpoint="search.pt", snapshots=(10000, 25000))
+
+Both meet the oracle only through `attacks.oracle.SimilarityOracle`, so the same attack runs
+against the HTTP service or in process. The eigenface basis is trained on the attacker's
+public faces on first use and cached (`default_basis`), or loaded from a file (`basis=`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import torch
+
+from attacks.eigenfaces import EigenfaceBasis, EigenfaceTrainConfig, public_faces, train_eigenfaces
+from attacks.oracle import SimilarityOracle
+from attacks.score_search import BlobDirections, EigenDirections, SearchConfig, SearchResult, search
+from fl_sim.registry import Registry, build_settings
+
+# The basis trained on first use: this many public DCGAN faces, these settings.
+DEFAULT_PUBLIC_FACES = 4000
+DEFAULT_BASIS = EigenfaceTrainConfig(components=1024, iterations=300)
+
+
+def default_basis(config: EigenfaceTrainConfig = DEFAULT_BASIS, faces: int = DEFAULT_PUBLIC_FACES,
+                  progress: Callable[[str], None] | None = None) -> EigenfaceBasis:
+    """The eigenface basis of the default public faces, trained once and cached beside the assets."""
+    from fl_sim import assets
+
+    key = hashlib.sha256(json.dumps({**dataclasses.asdict(config), "faces": faces, "v": 1},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    path = assets.home() / "eigenfaces" / f"basis-{key}.pt"
+    if path.exists():
+        return EigenfaceBasis.load(path)
+    if progress:
+        progress(f"training the eigenface basis on {faces} public DCGAN faces (once; cached in {path})")
+    images = public_faces(faces, config.size)
+    basis = train_eigenfaces(images, config, checkpoint=path.with_suffix(".ckpt"))
+    basis.save(path)
+    path.with_suffix(".ckpt").unlink(missing_ok=True)
+    return basis
+
+
+@dataclass(frozen=True)
+class EigenfaceConfig(SearchConfig):
+    basis: str | None = None  # a basis file (`fl-sim eigenfaces train`); None: the default, trained once
+    start: Literal["mean", "grey"] = "mean"  # the mean public face (the authors' code) or a flat grey image
+
+
+@dataclass(frozen=True)
+class BlobsConfig(SearchConfig):
+    batch: int = 80
+    lr: float = 1.0  # the blob's amplitude is the step
+    lr_late: float = 1.0
+    amplitude_min: float = 0.01
+    amplitude_max: float = 0.02
+    size: int = 112
+
+
+
+class BlackBoxAttack:
+    name: ClassVar[str]
+    Config: ClassVar[type[SearchConfig]]
+
+    def __init__(self, config: SearchConfig) -> None:
+        self.config = config
+
+    def directions_and_start(self) -> tuple[Any, torch.Tensor]:
+        raise NotImplementedError
+
+    def run(self, oracle: SimilarityOracle, progress: Callable[[int, int, float], None] | None = None,
+            checkpoint: str | Path | None = None, stop: Callable[[], bool] | None = None,
+            snapshots: tuple[int, ...] = ()) -> SearchResult:
+        directions, start = self.directions_and_start()
+        search_config = SearchConfig(**{f.name: getattr(self.config, f.name) for f in dataclasses.fields(SearchConfig)})
+        return search(oracle, directions, start, search_config, progress, checkpoint, stop, snapshots)
+
+
+BLACKBOX: Registry[type[BlackBoxAttack]] = Registry("black-box attack")
+
+
+@BLACKBOX.register("eigenface")
+class EigenfaceAttack(BlackBoxAttack):
+    Config = EigenfaceConfig
+
+    def directions_and_start(self) -> tuple[EigenDirections, torch.Tensor]:
+        cfg: EigenfaceConfig = self.config  # type: ignore[assignment]
+        basis = EigenfaceBasis.load(cfg.basis) if cfg.basis else default_basis()
+        start = basis.mean.clamp(0, 1) if cfg.start == "mean" else torch.full_like(basis.mean, 0.5)
+        return EigenDirections(basis, cfg.sigma), start
+
+
+@BLACKBOX.register("blobs")
+class BlobsAttack(BlackBoxAttack):
+    Config = BlobsConfig
+
+    def directions_and_start(self) -> tuple[BlobDirections, torch.Tensor]:
+        cfg: BlobsConfig = self.config  # type: ignore[assignment]
+        directions = BlobDirections(cfg.size, (cfg.amplitude_min, cfg.amplitude_max))
+        return directions, torch.full((3, cfg.size, cfg.size), 0.5)
+
+
+def build_blackbox(name: str, where: str | None = None, **params: Any) -> BlackBoxAttack:
+    """A black-box attack with its settings validated (one line naming a bad one)."""
+    cls = BLACKBOX.get(name)
+    return cls(build_settings(cls.Config, params, where or f"attack {name!r}"))
+
+
+__all__ = ["BLACKBOX", "BlackBoxAttack", "EigenfaceAttack", "BlobsAttack", "EigenfaceConfig", "BlobsConfig",
+           "build_blackbox", "default_basis"]

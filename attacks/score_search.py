@@ -1,0 +1,225 @@
+"""Similarity-only face reconstruction: a random search that sees nothing but the scores a
+`SimilarityOracle` returns (Razzhigaev et al., Algorithm 1), with two ways to propose steps:
+
+- `eigenface`: d = E z, z ~ N(0, sigma^2 I), E the eigenface basis (attacks/eigenfaces.py),
+  divided by the basis' RMS so that `lr` is the RMS pixel change of a step at sigma = 1;
+- `blobs`: the paper's baseline, one symmetric grey 2-D Gaussian blob per candidate, random
+  centre, sign and amplitude (0.01-0.02), its width shrinking as the similarity rises.
+
+Each iteration scores a batch of candidates X + lr d_j and moves to the best of them only if
+it beats the incumbent (elitist: the best similarity never decreases; the authors' code
+moved to the best candidate even when it was worse). Multi-start: `starts` runs of
+`start_iterations` iterations from the start image, the best one continues. The search
+stops at the query budget exactly (the last batch is cut to fit), when the oracle refuses
+(the face gate, a blocked key, a spent budget on the oracle's side: `stopped_by` says which),
+or when asked to. With a checkpoint file it saves its whole state (the generator's
+included) every few iterations and resumes from it to the same result.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from attacks.eigenfaces import EigenfaceBasis
+from attacks.oracle import BudgetExhausted, QueryRefused, SimilarityOracle
+
+
+class Directions(Protocol):
+    def sample(self, n: int, generator: torch.Generator, best: float) -> torch.Tensor:
+        """n step directions (n, 3, S, S) in pixel units; `best`: the similarity reached so far."""
+
+
+class EigenDirections:
+    def __init__(self, basis: EigenfaceBasis, sigma: float = 1.0) -> None:
+        self.basis, self.sigma = basis, sigma
+        self._unit = basis.components / basis.scale  # a unit step changes pixels by 1 RMS
+
+    def sample(self, n: int, generator: torch.Generator, best: float) -> torch.Tensor:
+        z = torch.randn(n, self.basis.k, generator=generator) * self.sigma
+        return (z @ self._unit).view(n, 3, self.basis.size, self.basis.size)
+
+
+class BlobDirections:
+    """Symmetric grey Gaussian blobs; width = max_width * (1 - best), within [min, max]."""
+
+    def __init__(self, size: int, amplitude: tuple[float, float] = (0.01, 0.02), max_width: float = 0.25,
+                 min_width: float = 0.02) -> None:
+        self.size, self.amplitude, self.max_width, self.min_width = size, amplitude, max_width, min_width
+        coords = torch.arange(size, dtype=torch.float32)
+        self._yy, self._xx = torch.meshgrid(coords, coords, indexing="ij")
+
+    def sample(self, n: int, generator: torch.Generator, best: float) -> torch.Tensor:
+        width = self.size * min(self.max_width, max(self.min_width, self.max_width * (1.0 - max(0.0, best))))
+        u = torch.rand(n, 4, generator=generator)
+        cx, cy = u[:, 0] * self.size, u[:, 1] * self.size
+        lo, hi = self.amplitude
+        amp = (lo + (hi - lo) * u[:, 2]) * torch.where(u[:, 3] < 0.5, -1.0, 1.0)
+        mirrored_cx = self.size - 1 - cx
+        dx = (self._xx[None] - cx[:, None, None]) ** 2
+        dxm = (self._xx[None] - mirrored_cx[:, None, None]) ** 2
+        dy = (self._yy[None] - cy[:, None, None]) ** 2
+        blob = torch.exp(-(dx + dy) / (2 * width ** 2)) + torch.exp(-(dxm + dy) / (2 * width ** 2))
+        blob = blob / blob.amax(dim=(1, 2), keepdim=True)
+        return (amp[:, None, None] * blob)[:, None].expand(-1, 3, -1, -1).contiguous()
+
+
+@dataclass(frozen=True)
+class SearchConfig:
+    budget: int = 25_000  # queries (scored images) in all, the start's included
+    batch: int = 64  # candidates per iteration
+    lr: float = 0.02  # step scale (eigenface: RMS pixel change at sigma = 1; blobs: 1 = the blob as drawn)
+    lr_late: float = 0.005  # after lr_switch iterations (the code: 0.005 -> 0.001 after 1000)
+    lr_switch: int = 150
+    sigma: float = 1.0
+    starts: int = 5  # multi-start: runs from the start image ...
+    start_iterations: int = 10  # ... of this many iterations each; the best continues
+    seed: int = 0
+    checkpoint_every: int = 25
+
+    def __post_init__(self) -> None:
+        if self.budget < 1 or self.batch < 1 or self.starts < 1 or self.start_iterations < 0:
+            raise ValueError("budget, batch and starts must be >= 1, start_iterations >= 0")
+        if self.lr <= 0 or self.lr_late <= 0 or self.sigma <= 0:
+            raise ValueError("lr, lr_late and sigma must be > 0")
+
+
+@dataclass
+class SearchResult:
+    image: torch.Tensor  # (3, S, S) the best image scored
+    similarity: float  # its score
+    queries: int
+    trajectory: list[tuple[int, float]]  # (queries so far, best similarity so far) per iteration
+    stopped_by: str  # "budget", "stopped", or the oracle's refusal code (no_face, key_blocked, ...)
+    iterations: int
+    starts: list[float] = field(default_factory=list)  # each start's best similarity
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # budget -> the best image within it
+
+
+@dataclass
+class _State:
+    phase: Literal["starts", "main"]
+    start_index: int
+    iteration: int  # in the current phase (per start during "starts")
+    total_iterations: int
+    incumbent: torch.Tensor
+    score: float
+    best_image: torch.Tensor
+    best: float
+    queries: int
+    trajectory: list[tuple[int, float]]
+    start_results: list[tuple[float, torch.Tensor]]
+    rng: torch.Tensor
+    snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # budget -> best image within it
+
+
+Progress = Callable[[int, int, float], None]  # (queries, budget, best similarity)
+
+
+def search(oracle: SimilarityOracle, directions: Directions, start: torch.Tensor, config: SearchConfig,
+           progress: Progress | None = None, checkpoint: str | Path | None = None,
+           stop: Callable[[], bool] | None = None, snapshots: tuple[int, ...] = ()) -> SearchResult:
+    """Run (or resume, if `checkpoint` exists) the search from `start` (3, S, S) in [0, 1].
+    `snapshots`: budgets at which to keep the best image so far (one run serves several budgets)."""
+    ckpt = Path(checkpoint) if checkpoint else None
+    gen = torch.Generator().manual_seed(config.seed)
+    state = _load(ckpt, config) if ckpt is not None and ckpt.exists() else None
+    stopped_by = "budget"
+    try:
+        if state is None:
+            first = float(oracle.score(start[None])[0])
+            state = _State("starts", 0, 0, 0, start.clone(), first, start.clone(), first, 1, [(1, first)], [],
+                           gen.get_state())
+        gen.set_state(state.rng)
+        while state.queries < config.budget:
+            if stop is not None and stop():
+                stopped_by = "stopped"
+                break
+            if state.phase == "starts" and state.iteration >= config.start_iterations:
+                state.start_results.append((state.score, state.incumbent))
+                state.start_index += 1
+                state.iteration = 0
+                if state.start_index >= config.starts:  # the best start goes on
+                    state.phase = "main"
+                    state.score, state.incumbent = max(state.start_results, key=lambda r: r[0])
+                else:  # the next start from the start image (its score is known)
+                    state.incumbent, state.score = start.clone(), state.trajectory[0][1]
+                continue
+            before = state.best_image
+            _step(oracle, directions, config, state, gen)
+            for b in snapshots:  # the best image within budget b: before the batch that crossed b
+                if b not in state.snapshots and state.queries >= b:
+                    state.snapshots[b] = (state.best_image if state.queries == b else before).clone()
+            if progress is not None:
+                progress(state.queries, config.budget, state.best)
+            if ckpt is not None and state.total_iterations % config.checkpoint_every == 0:
+                _save(ckpt, config, state, gen)
+    except BudgetExhausted:
+        stopped_by = "oracle_budget"
+    except QueryRefused as exc:
+        stopped_by = exc.code
+    if state is None:
+        raise RuntimeError(f"the oracle refused the start image ({stopped_by})")
+    if ckpt is not None:
+        _save(ckpt, config, state, gen)
+    starts = [s for s, _ in state.start_results]
+    for b in snapshots:  # budgets the search did not reach: its final best
+        state.snapshots.setdefault(b, state.best_image.clone())
+    return SearchResult(state.best_image, state.best, state.queries, state.trajectory, stopped_by,
+                        state.total_iterations, starts, dict(state.snapshots))
+
+
+def _step(oracle: SimilarityOracle, directions: Directions, config: SearchConfig, state: _State,
+          gen: torch.Generator) -> None:
+    lr = config.lr if state.total_iterations < config.lr_switch else config.lr_late
+    n = min(config.batch, config.budget - state.queries)
+    candidates = (state.incumbent[None] + lr * directions.sample(n, gen, state.best)).clamp(0, 1)
+    scores = np.asarray(oracle.score(candidates), dtype=np.float64)
+    state.queries += n
+    state.iteration += 1
+    state.total_iterations += 1
+    j = int(np.argmax(scores))
+    if scores[j] > state.score:  # elitist: the incumbent stays unless beaten
+        state.incumbent, state.score = candidates[j].clone(), float(scores[j])
+    if scores[j] > state.best:
+        state.best_image, state.best = candidates[j].clone(), float(scores[j])
+    state.trajectory.append((state.queries, state.best))
+
+
+def _save(path: Path, config: SearchConfig, state: _State, gen: torch.Generator) -> None:
+    state.rng = gen.get_state()
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"config": asdict(config), "state": asdict(state)}, tmp)
+    os.replace(tmp, path)
+
+
+def _load(path: Path, config: SearchConfig) -> _State:
+    data = torch.load(path, map_location="cpu", weights_only=False)
+    if data["config"] != asdict(config):
+        raise ValueError(f"{path} holds a search with other settings; delete it or use the same settings")
+    s = data["state"]
+    s["trajectory"] = [tuple(t) for t in s["trajectory"]]
+    s["start_results"] = [tuple(r) for r in s["start_results"]]
+    return _State(**s)
+
+
+def queries_to_reach(trajectory: list[tuple[int, float]], similarity: float) -> int | None:
+    """The first query count at which the best similarity reached `similarity` (None: never)."""
+    return next((q for q, s in trajectory if s >= similarity), None)
+
+
+def best_at(trajectory: list[tuple[int, float]], budget: int) -> float:
+    """The best similarity within `budget` queries."""
+    below = [s for q, s in trajectory if q <= budget]
+    return below[-1] if below else math.nan
+
+
+__all__ = ["SearchConfig", "SearchResult", "EigenDirections", "BlobDirections", "search", "queries_to_reach",
+           "best_at"]

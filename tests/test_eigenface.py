@@ -1,0 +1,121 @@
+"""The similarity-only attacks (attacks/eigenfaces.py, attacks/score_search.py,
+attacks/blackbox.py): the basis learns faces, the search is elitist, keeps its budget to the
+query, counts as the service counts, and resumes to the same result."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from attacks.blackbox import BLACKBOX, build_blackbox
+from attacks.eigenfaces import EigenfaceBasis, EigenfaceTrainConfig, mirror, public_faces, train_eigenfaces
+from attacks.oracle import InProcessOracle
+from attacks.score_search import BlobDirections, EigenDirections, SearchConfig, best_at, search
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def faces() -> torch.Tensor:
+    return public_faces(700, size=112, seed=0)
+
+
+@pytest.fixture(scope="module")
+def basis(faces) -> EigenfaceBasis:
+    return train_eigenfaces(faces[:600], EigenfaceTrainConfig(components=64, iterations=20, batch=128))
+
+
+@pytest.fixture(scope="module")
+def orl() -> tuple[torch.Tensor, np.ndarray]:
+    from fl_sim.data import DataSpec, load_dataset
+
+    ds = load_dataset(DataSpec(name="orl", image_size=112))
+    return ds.images, ds.identities.numpy()
+
+
+def test_a_trained_basis_reconstructs_held_out_faces_better_than_a_random_one(faces, basis, tmp_path):
+    held_out = faces[600:]
+    trained = (basis.reconstruct(held_out) - held_out).pow(2).mean()
+    g = torch.Generator().manual_seed(0)
+    random = EigenfaceBasis(basis.mean, torch.randn(basis.components.shape, generator=g) * 0.01)
+    baseline = (random.reconstruct(held_out) - held_out).pow(2).mean()
+    mean_only = (basis.mean - held_out).pow(2).mean()
+    assert trained < 0.5 * baseline, (trained, baseline)
+    assert baseline < mean_only  # a random basis still helps a little; the learned one far more
+    # saved and loaded, it decodes the same
+    sha = basis.save(tmp_path / "b.pt")
+    assert len(sha) == 64
+    again = EigenfaceBasis.load(tmp_path / "b.pt")
+    z = torch.randn(3, basis.k, generator=g)
+    assert torch.allclose(again.decode(z), basis.decode(z))
+
+
+def test_training_resumes_from_its_checkpoint(faces, tmp_path):
+    config = EigenfaceTrainConfig(components=16, iterations=12, batch=64)
+    whole = train_eigenfaces(faces[:200], config)
+    ckpt = tmp_path / "train.ckpt"
+    short = EigenfaceTrainConfig(components=16, iterations=12, batch=64)
+
+    class Stop(Exception):  # a kill after step 6, through the progress hook
+        pass
+
+    def stop_at_six(step, total, loss):
+        if step == 6:
+            raise Stop
+
+    with pytest.raises(Stop):
+        train_eigenfaces(faces[:200], short, progress=stop_at_six, checkpoint=ckpt, checkpoint_every=3)
+    resumed = train_eigenfaces(faces[:200], short, checkpoint=ckpt, checkpoint_every=3)
+    assert torch.allclose(resumed.components, whole.components, atol=1e-6)
+
+
+def test_soft_symmetry_and_blobs_are_what_they_claim():
+    x = torch.rand(2, 3, 8, 8)
+    assert torch.equal(mirror(mirror(x)), x)
+    blobs = BlobDirections(32).sample(6, torch.Generator().manual_seed(0), best=0.3)
+    assert torch.allclose(blobs, blobs.flip(-1), atol=1e-6)  # symmetric
+    assert torch.equal(blobs[:, 0], blobs[:, 1]) and torch.equal(blobs[:, 1], blobs[:, 2])  # grey
+    peak = blobs.abs().amax(dim=(1, 2, 3))
+    assert ((peak >= 0.01 - 1e-6) & (peak <= 0.02 + 1e-6)).all()  # the published amplitudes
+    wide = BlobDirections(32).sample(1, torch.Generator().manual_seed(1), best=0.0)
+    narrow = BlobDirections(32).sample(1, torch.Generator().manual_seed(1), best=0.9)
+    assert (wide.abs() > 0.005).sum() > (narrow.abs() > 0.005).sum()  # shrinking as similarity rises
+
+
+def test_search_climbs_and_resumes_to_the_same_result(basis, orl, tmp_path):
+    images, ids = orl
+    config = SearchConfig(budget=700, batch=32, lr=0.05, lr_late=0.02, lr_switch=10, starts=2, start_iterations=3,
+                          checkpoint_every=2)
+    whole = search(InProcessOracle(images[ids == 7][:5]), EigenDirections(basis), basis.mean.clamp(0, 1), config,
+                   snapshots=(300, 700))
+    assert whole.queries == 700 and whole.stopped_by == "budget"
+    sims = [s for _, s in whole.trajectory]
+    assert all(b >= a for a, b in zip(sims, sims[1:]))  # elitist: never decreases
+    assert whole.similarity > sims[0] + 0.1  # it climbs from the mean face
+    assert best_at(whole.trajectory, 300) <= whole.similarity
+
+    ckpt = tmp_path / "search.ckpt"
+    calls = {"n": 0}
+
+    def stop_after_seven() -> bool:
+        calls["n"] += 1
+        return calls["n"] > 7
+
+    first = search(InProcessOracle(images[ids == 7][:5]), EigenDirections(basis), basis.mean.clamp(0, 1), config,
+                   checkpoint=ckpt, stop=stop_after_seven, snapshots=(300, 700))
+    assert first.stopped_by == "stopped" and first.queries < 700
+    resumed = search(InProcessOracle(images[ids == 7][:5]), EigenDirections(basis), basis.mean.clamp(0, 1), config,
+                     checkpoint=ckpt, snapshots=(300, 700))
+    assert resumed.queries == 700 and resumed.trajectory == whole.trajectory
+    assert torch.equal(resumed.image, whole.image)
+    assert torch.equal(resumed.snapshots[300], whole.snapshots[300])
+
+
+def test_registry_settings_are_validated():
+    assert set(BLACKBOX) == {"eigenface", "blobs"}
+    with pytest.raises(ValueError, match="budgt"):
+        build_blackbox("eigenface", budgt=5)
+    with pytest.raises(ValueError, match="start"):
+        build_blackbox("eigenface", start="middle")
+    with pytest.raises(ValueError, match="allowed: blobs, eigenface"):
+        build_blackbox("eigenfaces")
