@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Callable
@@ -87,13 +86,59 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+BLACKBOX_ATTACKS = ("eigenface", "blobs")  # `fl-sim attack NAME --oracle URL ...`; else NAME is a case file
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
-    from fl_sim import api
     from server.offline import parse_params
+
+    if args.case in BLACKBOX_ATTACKS:
+        return _attack_oracle(args, parse_params(args.params))
+    if not args.attack:
+        raise UsageError("attacking a case file needs --attack NAME (a gradient attack from the registry); "
+                         f"a black-box attack is one of {', '.join(BLACKBOX_ATTACKS)} with --oracle URL")
+    from fl_sim import api
 
     api.attack_case(args.case, args.attack, parse_params(args.params), out=args.out, truth=args.truth,
                     device=args.device)
     return 0
+
+
+def _attack_oracle(args: argparse.Namespace, params: dict) -> int:
+    """A similarity-only attack against a running oracle service."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from attacks.oracle import HttpOracle
+    from server.blackbox import run_blackbox
+
+    missing = [flag for flag, value in (("--oracle", args.oracle), ("--key", args.key), ("--target", args.target))
+               if not value]
+    if missing:
+        raise UsageError(f"fl-sim attack {args.case} needs {', '.join(missing)}")
+    if args.budget is not None:
+        params["budget"] = args.budget
+    out = Path(args.out or f"runs/{args.case}-{args.target}")
+    resumed = (out / "search.ckpt").exists()
+    with HttpOracle(args.oracle, args.key, args.target) as oracle, Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed:,.0f}/{task.total:,.0f} "
+                                                                            "queries, best {task.fields[best]:.3f}"),
+            TimeRemainingColumn(), console=err) as bar:
+        task = bar.add_task(f"{args.case} -> {args.target}", total=params.get("budget", 25_000), best=float("nan"))
+        if resumed:
+            err.print(f"resuming the search saved in {out / 'search.ckpt'}")
+        result, summary = run_blackbox(args.case, oracle, args.target, out, params,
+                                       progress=lambda q, total, best: bar.update(task, completed=q, total=total,
+                                                                                  best=best))
+    console.print(f"{summary.attack} against {summary.target}: best similarity {summary.similarity:.3f} after "
+                  f"{summary.queries:,} queries ({summary.stopped_by}), {summary.seconds:.0f} s; "
+                  f"reconstruction and trajectory in [bold]{out}[/]")
+    return 0
+
+
+def cmd_eigenfaces_train(args: argparse.Namespace) -> int:
+    from server.eigenface_training import train_command
+
+    return train_command(args, console)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -245,10 +290,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("run")
     rep.set_defaults(fn=cmd_report)
 
-    att = sub.add_parser("attack", help="attack one saved case file offline")
-    att.add_argument("case", help="a case file (AttackCase.save)")
-    att.add_argument("--attack", required=True, help="attack name from the registry")
+    att = sub.add_parser("attack", help="attack a saved case file offline, or an oracle service "
+                                        "(`attack eigenface|blobs --oracle URL --key KEY --target ID`)")
+    att.add_argument("case", help="a case file (AttackCase.save), or a black-box attack: eigenface, blobs")
+    att.add_argument("--attack", help="gradient attack name from the registry (for a case file)")
     att.add_argument("--param", dest="params", action="append", default=[], help="key=value attack setting")
+    att.add_argument("--oracle", help="black-box: the oracle service's URL, e.g. http://127.0.0.1:8765")
+    att.add_argument("--key", help="black-box: a query key of the service")
+    att.add_argument("--target", help="black-box: the enrolled identity to reconstruct")
+    att.add_argument("--budget", type=int, help="black-box: queries in all (default 25000)")
     att.add_argument("--truth", help="optional ground-truth images (.pt or .png) for metrics")
     att.add_argument("--out", help="output run directory")
     att.add_argument("--device", default="cpu")
@@ -264,6 +314,22 @@ def build_parser() -> argparse.ArgumentParser:
     restorer.add_argument("action", choices=["train"])
     restorer.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action (train --help lists them)")
     restorer.set_defaults(fn=cmd_restorer_train)
+
+    eig = sub.add_parser("eigenfaces", help="the eigenface basis of the black-box attack: `eigenfaces train`")
+    esub = eig.add_subparsers(dest="eigenfaces_command", required=True, metavar="ACTION")
+    train = esub.add_parser("train", help="train the basis on public faces (progress, checkpoints, resume)")
+    train.add_argument("--out", default="runs/eigenfaces", help="output folder (basis.pt, eigenfaces.png, "
+                                                                 "report.html; a checkpoint there resumes)")
+    train.add_argument("--preset", choices=["authors-code", "paper"], default="authors-code",
+                       help="soft-symmetry and generative-regularisation weights as published")
+    train.add_argument("--dataset", default="synthetic", help="the public faces: a registered data set "
+                                                               "(default: DCGAN faces, never a client's)")
+    train.add_argument("--root", help="the data set's folder (image-folder, lfw, celeba)")
+    train.add_argument("--faces", type=int, default=4000, help="public faces to train on (default 4000)")
+    train.add_argument("--param", dest="params", action="append", default=[],
+                       help="key=value training setting: components, symmetry, generative_weight, iterations, "
+                            "batch, lr, weight_decay, grey, seed")
+    train.set_defaults(fn=cmd_eigenfaces_train)
 
     _add_oracle_parser(sub)
     return p

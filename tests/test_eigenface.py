@@ -119,3 +119,44 @@ def test_registry_settings_are_validated():
         build_blackbox("eigenface", start="middle")
     with pytest.raises(ValueError, match="allowed: blobs, eigenface"):
         build_blackbox("eigenfaces")
+
+
+def test_cli_attacks_a_real_oracle_within_budget_counting_as_it_counts(basis, orl, tmp_path):
+    """`fl-sim attack eigenface --oracle URL`: against the service on loopback, the search
+    spends exactly its budget, the server's usage counter agrees, and a second run of the
+    same command resumes (nothing more is queried)."""
+    import csv
+    import json
+
+    from fl_sim.cli import main
+    from oracle_process import OracleProcess, client, new_key, png
+
+    images, ids = orl
+    crops = (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    server = OracleProcess(tmp_path, max_batch=64, rate_per_second=1000.0, threads=2)
+    admin = new_key(server, "admin")
+    server.start()
+    try:
+        with client(server, admin) as c:
+            r = c.post("/v1/identities", json={"id": "p7", "images": [png(x) for x in crops[ids == 7][:5]]})
+            assert r.status_code == 201, r.text
+        key = new_key(server, "query")
+        basis.save(tmp_path / "basis.pt")
+        out = tmp_path / "attack"
+        argv = ["attack", "eigenface", "--oracle", server.url, "--key", key, "--target", "p7", "--budget", "300",
+                "--out", str(out), "--param", f"basis={tmp_path / 'basis.pt'}", "--param", "batch=32",
+                "--param", "starts=2", "--param", "start_iterations=2", "--param", "lr=0.05"]
+        assert main(argv) == 0
+        summary = json.loads((out / "summary.json").read_text())
+        with client(server, key) as q:
+            used = q.get("/v1/usage").json()["queries"]
+        assert summary["queries"] == 300 == used  # 1 + 9 x 32 + 11: the last batch cut to fit
+        rows = list(csv.DictReader(open(out / "trajectory.csv")))
+        best = [float(r["best_similarity"]) for r in rows]
+        assert all(b >= a for a, b in zip(best, best[1:])) and int(rows[-1]["queries"]) == 300
+        assert (out / "reconstruction.png").stat().st_size > 0 and (out / "trajectory.png").exists()
+        assert main(argv) == 0  # the same command again: resumed, finished, nothing more asked
+        with client(server, key) as q:
+            assert q.get("/v1/usage").json()["queries"] == 300
+    finally:
+        server.stop()
