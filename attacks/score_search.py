@@ -164,8 +164,8 @@ def search(oracle: SimilarityOracle, directions: Directions, start: torch.Tensor
         stopped_by = "oracle_budget"
     except QueryRefused as exc:
         stopped_by = exc.code
-    if state is None:
-        raise RuntimeError(f"the oracle refused the start image ({stopped_by})")
+    if state is None:  # the start itself was refused (a face gate and a blank start): nothing learnt
+        return SearchResult(start.clone(), math.nan, 0, [], stopped_by, 0, [], {b: start.clone() for b in snapshots})
     if ckpt is not None:
         _save(ckpt, config, state, gen)
     starts = [s for s, _ in state.start_results]

@@ -158,6 +158,7 @@ BENCHES = {
     "federation": "benchmarks.federation_speed",
     "dfleak": "benchmarks.dfleak_table",
     "oracle": "benchmarks.oracle_speed",
+    "eigenface": "benchmarks.eigenface_table",
 }
 
 

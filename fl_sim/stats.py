@@ -23,6 +23,9 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "lpips": False,
     "id_similarity": True,
     "label_accuracy": True,
+    "oracle_similarity": True,
+    "critic_similarity": True,
+    "rank1": True,
 }
 
 # |method - reference| at or below these is a tie: a difference nobody should call a win.
@@ -40,6 +43,10 @@ TIE_TOLERANCE: dict[str, float] = {
     "id_similarity": 0.01,
     # a fraction of a batch's labels: any difference is a whole label, so only equality ties
     "label_accuracy": 0.0,
+    # the black-box attacks' scores: cosines, as id_similarity; rank-1 is a hit or a miss
+    "oracle_similarity": 0.01,
+    "critic_similarity": 0.01,
+    "rank1": 0.0,
 }
 
 @dataclass(frozen=True)

@@ -1,0 +1,379 @@
+"""Similarity-only face reconstruction, eigenfaces vs Gaussian blobs, on enrolled identities:
+the paper's Table 2 measured here, with an independent critic.
+
+    fl-sim bench eigenface [--config configs/bench/eigenface.yaml] [--split eval|dev] [--out DIR]
+                           [--targets N] [--budget Q] [--attacks eigenface,blobs] [--workers 2]
+                           [--defense NAME] [--oracle inprocess|http]
+
+For each target identity: the oracle enrolls its first `enroll_images` images (the service's
+scoring code: in process, or the real HTTP service started on loopback); each attack runs
+once up to the largest budget, keeping the best image within every smaller budget, so
+budgets 10k, 25k and 50k come from one run. Each reconstruction is then judged by the
+critic (FaceNet, never queried): its mean cosine to the target's held-out real images, and
+rank-1 identification among all enrolled identities' critic templates.
+
+Writes into the run folder: eigenface.csv (one row per attack, target, budget: attack,
+target, budget, queries, oracle_similarity, critic_similarity, rank1, then defense,
+flagged_at, stopped_by), table.md (Table 2 layout beside the paper's figures, and paired
+differences eigenface - blobs per budget with 95 % t intervals), trajectories.png, grid.png
+and report.html; jobs/ holds each search's folder (checkpoint, trajectory): a stopped run
+continues with the same --out.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["attack", "target", "budget", "queries", "oracle_similarity", "critic_similarity", "rank1",
+           "defense", "flagged_at", "stopped_by"]
+# Razzhigaev et al., Table 2 (ArcFace oracle, FaceNet critic): (queries, oracle, critic)
+PAPER = {"eigenface": (50_000, 0.97, 0.62), "blobs": (300_000, 0.90, 0.45)}
+
+
+class BenchConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "orl"
+    root: str | None = None
+    enroll_images: int = Field(5, ge=1)
+    dev_targets: list[int] = Field(default_factory=list)
+    eval_targets: list[int] = Field(default_factory=list)
+    budgets: list[int] = Field(default_factory=lambda: [10_000, 25_000, 50_000])
+    backend: str = "sface"
+    critic: str = "facenet"
+    attacks: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"eigenface": {}, "blobs": {}})
+    defenses: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"none": {}})
+    workers: int = Field(2, ge=1)
+
+
+def load_bench_config(path: str | Path, overrides: dict[str, Any]) -> BenchConfig:
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    tree.update({k: v for k, v in overrides.items() if v is not None})
+    return BenchConfig.model_validate(tree)
+
+
+@dataclass(frozen=True)
+class Job:
+    attack: str
+    target: int
+    defense: str
+    params: dict
+    defenses: dict
+    budget: int
+    budgets: tuple[int, ...]
+    folder: str
+    dataset: str
+    root: str | None
+    enroll_images: int
+    backend: str
+    oracle_url: str | None = None
+    oracle_key: str | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# the data: enrolment images and held-out images per identity
+
+
+def faces_by_identity(dataset: str, root: str | None, size: int = 112):
+    """{identity: (N, 3, size, size) in [0, 1]} in the data set's order."""
+    import torch
+
+    from fl_sim.data import DataSpec, load_dataset
+
+    ds = load_dataset(DataSpec(name=dataset, image_size=size, root=root))
+    images = ds.images if ds.images.shape[1] == 3 else ds.images.expand(-1, 3, -1, -1)
+    ids = ds.identities
+    return {int(i): images[ids == i] for i in torch.unique(ids).tolist()}
+
+
+# ---------------------------------------------------------------------------------------
+# one attack on one target (a worker process)
+
+
+def run_job(job: Job) -> dict:
+    import torch
+
+    torch.set_num_threads(1)
+    from attacks.oracle import HttpOracle, InProcessOracle
+    from fl_sim.oracle_defenses import OracleDefenses
+    from server.blackbox import run_blackbox
+
+    folder = Path(job.folder)
+    done = folder / "result.json"  # written last: the job is complete
+    if done.exists():
+        return json.loads(done.read_text())
+    faces = faces_by_identity(job.dataset, job.root)[job.target]
+    if job.oracle_url:
+        oracle = HttpOracle(job.oracle_url, job.oracle_key, f"id{job.target}")
+    else:
+        oracle = InProcessOracle(faces[:job.enroll_images], backend=job.backend,
+                                 defenses=OracleDefenses.model_validate(job.defenses), seed=job.target)
+    params = {**job.params, "budget": job.budget}
+    result, summary = run_blackbox(job.attack, oracle, f"id{job.target}", folder, params, snapshots=job.budgets)
+    torch.save({b: img for b, img in result.snapshots.items()}, folder / "snapshots.pt")
+    out = {"summary": summary.__dict__, "flagged_at": getattr(oracle, "flagged_at", None),
+           "trajectory": result.trajectory}
+    (folder / "result.json").write_text(json.dumps(out))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# judging the reconstructions with the critic
+
+
+def judge(config: BenchConfig, jobs: list[Job], results: dict[str, dict]):
+    import numpy as np
+    import pandas as pd
+    import torch
+
+    from attacks.score_search import best_at
+    from fl_sim.faces import embedder, template_of
+
+    critic = embedder(config.critic)
+    faces = faces_by_identity(config.dataset, config.root)
+    gallery_ids = sorted(faces)
+    gallery = np.stack([template_of(critic.embed(faces[i][:config.enroll_images])) for i in gallery_ids])
+    rows = []
+    for job in jobs:
+        res = results[job.folder]
+        snaps = torch.load(Path(job.folder) / "snapshots.pt", weights_only=True)
+        held_out = critic.embed(faces[job.target][config.enroll_images:])
+        for budget in job.budgets:
+            emb = critic.embed(snaps[budget][None])[0]
+            critic_sim = float((held_out @ emb).mean())
+            rank1 = int(gallery_ids[int(np.argmax(gallery @ emb))] == job.target)
+            queries = min(budget, res["summary"]["queries"])
+            rows.append([job.attack, job.target, budget, queries, best_at(res["trajectory"], budget), critic_sim,
+                         rank1, job.defense, res["flagged_at"], res["summary"]["stopped_by"]])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def table_markdown(frame, header: str) -> str:
+    from fl_sim.stats import comparison_markdown, paired_comparisons
+
+    lines = [header, "", "| defense | attack | budget | targets | oracle similarity | critic similarity | rank-1 |",
+             "|---|---|---|---|---|---|---|"]
+    agg = frame.groupby(["defense", "attack", "budget"], sort=False).agg(
+        n=("target", "size"), oracle=("oracle_similarity", "mean"), oracle_sd=("oracle_similarity", "std"),
+        critic=("critic_similarity", "mean"), critic_sd=("critic_similarity", "std"), rank1=("rank1", "mean"))
+    for (defense, attack, budget), r in agg.iterrows():
+        lines.append(f"| {defense} | {attack} | {budget:,} | {int(r.n)} | {r.oracle:.3f} ± {r.oracle_sd:.3f} | "
+                     f"{r.critic:.3f} ± {r.critic_sd:.3f} | {100 * r.rank1:.0f} % |")
+    lines += ["", "Paper (Table 2; ArcFace oracle, FaceNet critic): eigenfaces 0.97 / 0.62 at 50k queries; "
+                  "Gaussian blobs 0.90 / 0.45 at 300k.", ""]
+    attacks = list(dict.fromkeys(frame["attack"]))
+    if {"eigenface", "blobs"} <= set(attacks):
+        for (defense, budget), part in frame.groupby(["defense", "budget"], sort=False):
+            comps = paired_comparisons(part, "blobs", metrics=("oracle_similarity", "critic_similarity", "rank1"),
+                                       victim_columns=("target",))
+            lines += [f"Paired, eigenface - blobs, defense {defense}, budget {budget:,}:", "",
+                      comparison_markdown(comps), ""]
+    return "\n".join(lines)
+
+
+def figures(frame, jobs: list[Job], results: dict[str, dict], out: Path, config: BenchConfig) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    from torchvision.utils import save_image
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    colours = {"eigenface": "tab:blue", "blobs": "tab:orange"}
+    for job in jobs:
+        if not results[job.folder]["trajectory"]:  # refused from the start
+            continue
+        q, s = zip(*results[job.folder]["trajectory"])
+        ax.plot(q, s, color=colours.get(job.attack, "grey"), alpha=0.5, lw=1,
+                label=job.attack if job is next(j for j in jobs if j.attack == job.attack) else None)
+    ax.set_xlabel("queries")
+    ax.set_ylabel("best oracle similarity")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "trajectories.png")
+    plt.close(fig)
+
+    # grid: per target, the real image, then each attack's reconstruction at each budget
+    faces = faces_by_identity(config.dataset, config.root)
+    tiles, columns = [], None
+    for target in dict.fromkeys(j.target for j in jobs):
+        row = [faces[target][config.enroll_images]]
+        for job in [j for j in jobs if j.target == target]:
+            snaps = torch.load(Path(job.folder) / "snapshots.pt", weights_only=True)
+            row += [snaps[b] for b in job.budgets]
+        columns = columns or len(row)
+        if len(row) == columns:
+            tiles += row
+    if tiles:
+        save_image(torch.stack(tiles), out / "grid.png", nrow=columns, padding=2, pad_value=1.0)
+
+
+def report(out: Path, markdown: str, jobs: list[Job]) -> None:
+    import html
+
+    budgets = ", ".join(f"{b:,}" for b in jobs[0].budgets) if jobs else ""
+    attacks = ", ".join(dict.fromkeys(j.attack for j in jobs))
+    body = html.escape(markdown)
+    (out / "report.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
+<title>eigenface benchmark</title><style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}
+pre{{white-space:pre-wrap}}</style></head><body><h1>Similarity-only reconstruction</h1>
+<h2>Reconstructions</h2><p>Each row: a target's held-out real image, then {attacks} at budgets {budgets}.</p>
+<img src="grid.png" alt="grid" style="max-width:100%">
+<h2>Best oracle similarity against queries</h2><img src="trajectories.png" alt="trajectories">
+<h2>Table</h2><pre>{body}</pre></body></html>
+""")
+
+
+# ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fl-sim bench eigenface", description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", default=str(ROOT / "configs" / "bench" / "eigenface.yaml"))
+    p.add_argument("--out", help="run folder (default runs/eigenface-<split>-<time>); an existing one continues")
+    p.add_argument("--split", choices=["eval", "dev"], default="eval")
+    p.add_argument("--targets", type=int, help="only the first N targets of the split")
+    p.add_argument("--budget", type=int, help="the largest budget (smaller configured budgets kept)")
+    p.add_argument("--attacks", help="comma-separated attacks (default: all in the config)")
+    p.add_argument("--defense", default="none",
+                   help="comma-separated oracle defense settings from the config, or 'all' (default: none)")
+    p.add_argument("--workers", type=int, help="parallel searches (processes)")
+    p.add_argument("--oracle", choices=["inprocess", "http"], default="inprocess",
+                   help="http: start the real service on loopback and attack it over HTTP")
+    p.add_argument("--param", dest="params", action="append", default=[],
+                   help="attack.key=value: override one attack setting, e.g. eigenface.lr=0.05")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rich.console import Console
+
+    from server.offline import parse_params
+
+    args = build_parser().parse_args(argv)
+    console = Console()
+    config = load_bench_config(args.config, {"workers": args.workers})
+    targets = config.eval_targets if args.split == "eval" else config.dev_targets
+    targets = targets[: args.targets] if args.targets else targets
+    budgets = sorted(b for b in config.budgets if args.budget is None or b <= args.budget)
+    if args.budget and args.budget not in budgets:
+        budgets.append(args.budget)
+    attacks = args.attacks.split(",") if args.attacks else list(config.attacks)
+    defenses = list(config.defenses) if args.defense == "all" else args.defense.split(",")
+    for name in attacks:
+        if name not in config.attacks:
+            raise SystemExit(f"unknown attack {name!r}; allowed: {', '.join(config.attacks)}")
+    for name in defenses:
+        if name not in config.defenses:
+            raise SystemExit(f"unknown defense setting {name!r}; allowed: {', '.join(config.defenses)}")
+    overrides: dict[str, dict] = {}
+    for key, value in parse_params(args.params).items():
+        attack, _, setting = key.partition(".")
+        overrides.setdefault(attack, {})[setting] = value
+    out = Path(args.out or ROOT / "runs" / f"eigenface-{args.split}-{datetime.now():%Y%m%d-%H%M%S}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps({"config": config.model_dump(), "split": args.split,
+                                                "targets": targets, "budgets": budgets, "attacks": attacks,
+                                                "defenses": defenses, "overrides": overrides,
+                                                "oracle": args.oracle}, indent=2))
+    service = None
+    url = key = None
+    if args.oracle == "http":
+        service, url, key = start_http_oracle(out, config, targets, defenses)
+    jobs = [Job(a, t, d, {**config.attacks[a], **overrides.get(a, {})}, config.defenses[d], max(budgets),
+                tuple(budgets), str(out / "jobs" / f"{d}-{a}-{t}"), config.dataset, config.root,
+                config.enroll_images, config.backend, url, key)
+            for d in defenses for t in targets for a in attacks]
+    console.print(f"{len(jobs)} searches ({', '.join(attacks)} x {len(targets)} {args.split} targets x "
+                  f"defenses {', '.join(defenses)}), up to {max(budgets):,} queries each, "
+                  f"{config.workers} at a time, oracle {args.oracle}; [bold]{out}[/]")
+    results: dict[str, dict] = {}
+    t0 = time.perf_counter()
+    try:
+        with ProcessPoolExecutor(max_workers=config.workers) as pool:
+            futures = {pool.submit(run_job, job): job for job in jobs}
+            for n, future in enumerate(as_completed(futures), 1):
+                job = futures[future]
+                res = future.result()
+                results[job.folder] = res
+                s = res["summary"]
+                console.print(f"[{n}/{len(jobs)}] {job.defense:>8s} {job.attack:>9s} target {job.target:>3d}: "
+                              f"best {s['similarity']:.3f} after {s['queries']:,} queries ({s['stopped_by']}), "
+                              f"{s['seconds']:.0f} s; {time.perf_counter() - t0:.0f} s in all")
+    finally:
+        if service is not None:
+            service.terminate()
+            service.wait(timeout=30)
+    frame = judge(config, jobs, results)
+    frame.to_csv(out / "eigenface.csv", index=False)
+    header = (f"Similarity-only reconstruction of {len(targets)} {config.dataset} {args.split} identities "
+              f"({config.backend} oracle over {args.oracle}, {config.critic} critic, {config.enroll_images} "
+              f"enrolment images each; critic similarity = mean cosine to the target's other images).")
+    markdown = table_markdown(frame, header)
+    (out / "table.md").write_text(markdown + "\n")
+    figures(frame, jobs, results, out, config)
+    report(out, markdown, jobs)
+    console.print(markdown, markup=False, highlight=False)
+    console.print(f"eigenface.csv, table.md, grid.png, report.html in [bold]{out}[/]")
+    return 0
+
+
+def start_http_oracle(out: Path, config: BenchConfig, targets: list[int], defenses: list[str]):
+    """The real service on loopback with the targets enrolled; (process, url, query key)."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import numpy as np
+    import torch
+
+    from server.oracle.enroll import enroll
+    from server.oracle.backend import Backend
+    from server.oracle.store import Store
+
+    if len(defenses) != 1:
+        raise SystemExit("--oracle http runs one defense setting at a time (--defense NAME)")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = out / "oracle.sqlite"
+    store = Store(db)
+    backend = Backend(config.backend, threads=1)
+    faces = faces_by_identity(config.dataset, config.root)
+    for t in targets:
+        if not store.has_identity(f"id{t}"):
+            crops = (faces[t][:config.enroll_images] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            enroll(store, backend, f"id{t}", np.ascontiguousarray(crops))
+    backend.batcher.close()
+    key = store.create_key("query")[1]
+    settings = {"host": "127.0.0.1", "port": port, "db": str(db), "backend": config.backend, "threads": 2,
+                "rate_per_second": 1e6, "max_batch": 256, "defenses": config.defenses[defenses[0]]}
+    (out / "oracle.yaml").write_text(yaml.safe_dump(settings))
+    proc = subprocess.Popen([sys.executable, "-m", "fl_sim.cli", "oracle", "serve", "--config", str(out / "oracle.yaml")],
+                            cwd=ROOT, stdout=open(out / "oracle.log", "ab"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                return proc, url, key
+        except httpx.TransportError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"the oracle did not start; see {out / 'oracle.log'}")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
