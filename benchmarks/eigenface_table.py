@@ -205,12 +205,12 @@ def figures(frame, jobs: list[Job], results: dict[str, dict], out: Path, config:
     fig.savefig(out / "trajectories.png")
     plt.close(fig)
 
-    # grid: per target, the real image, then each attack's reconstruction at each budget
+    # grid: per (defense, target) a row: a held-out real image, then each attack at each budget
     faces = faces_by_identity(config.dataset, config.root)
     tiles, columns = [], None
-    for target in dict.fromkeys(j.target for j in jobs):
+    for defense, target in dict.fromkeys((j.defense, j.target) for j in jobs):
         row = [faces[target][config.enroll_images]]
-        for job in [j for j in jobs if j.target == target]:
+        for job in [j for j in jobs if (j.defense, j.target) == (defense, target)]:
             snaps = torch.load(Path(job.folder) / "snapshots.pt", weights_only=True)
             row += [snaps[b] for b in job.budgets]
         columns = columns or len(row)
@@ -229,7 +229,8 @@ def report(out: Path, markdown: str, jobs: list[Job]) -> None:
     (out / "report.html").write_text(f"""<!doctype html><html><head><meta charset="utf-8">
 <title>eigenface benchmark</title><style>body{{font-family:sans-serif;max-width:70em;margin:2em auto}}
 pre{{white-space:pre-wrap}}</style></head><body><h1>Similarity-only reconstruction</h1>
-<h2>Reconstructions</h2><p>Each row: a target's held-out real image, then {attacks} at budgets {budgets}.</p>
+<h2>Reconstructions</h2><p>Each row (a target, under one oracle defense setting): a held-out real
+image of the target, then {attacks} at budgets {budgets}.</p>
 <img src="grid.png" alt="grid" style="max-width:100%">
 <h2>Best oracle similarity against queries</h2><img src="trajectories.png" alt="trajectories">
 <h2>Table</h2><pre>{body}</pre></body></html>

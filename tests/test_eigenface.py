@@ -160,3 +160,31 @@ def test_cli_attacks_a_real_oracle_within_budget_counting_as_it_counts(basis, or
             assert q.get("/v1/usage").json()["queries"] == 300
     finally:
         server.stop()
+
+
+def test_bench_writes_its_table_and_a_rerun_redoes_nothing(basis, tmp_path):
+    import pandas as pd
+
+    from fl_sim.cli import main
+
+    basis.save(tmp_path / "basis.pt")
+    out = tmp_path / "bench"
+    argv = ["bench", "eigenface", "--split", "dev", "--targets", "1", "--budget", "200", "--workers", "1",
+            "--out", str(out), "--param", f"eigenface.basis={tmp_path / 'basis.pt'}",
+            "--param", "eigenface.batch=32", "--param", "blobs.batch=32", "--defense", "none,face_gate"]
+    assert main(argv) == 0
+    frame = pd.read_csv(out / "eigenface.csv")
+    assert list(frame.columns)[:7] == ["attack", "target", "budget", "queries", "oracle_similarity",
+                                       "critic_similarity", "rank1"]
+    assert len(frame) == 4 and set(frame["budget"]) == {200} and set(frame["rank1"]) <= {0, 1}
+    plain = frame[frame.defense == "none"].set_index("attack")
+    assert (plain["queries"] == 200).all() and plain["oracle_similarity"].notna().all()
+    gated = frame[frame.defense == "face_gate"].set_index("attack")
+    assert gated.loc["blobs", "stopped_by"] == "no_face" and gated.loc["blobs", "queries"] == 0  # a grey start
+    assert gated.loc["eigenface", "queries"] == 200  # the mean face is a face
+    for name in ("table.md", "grid.png", "trajectories.png", "report.html"):
+        assert (out / name).stat().st_size > 0
+    done = {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/result.json")}
+    assert len(done) == 4
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/result.json")} == done
