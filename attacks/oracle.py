@@ -74,7 +74,7 @@ class InProcessOracle:
     """The service's scoring path in this process, against one enrolled identity, behind the
     same defenses as the service (`defenses`; none by default)."""
 
-    def __init__(self, enrolled: torch.Tensor, backend: str = "sface", budget: int | None = None,
+    def __init__(self, enrolled: torch.Tensor, backend: str = "sface-bf16", budget: int | None = None,
                  defenses: od.OracleDefenses | None = None, seed: int = 0) -> None:
         """`enrolled`: the target's enrolment images (N, 3, H, W) RGB in [0, 1]. `seed` fixes
         the secret behind hashed noise and the fresh-noise generator."""

@@ -49,7 +49,7 @@ class BenchConfig(BaseModel):
     dev_targets: list[int] = Field(default_factory=list)
     eval_targets: list[int] = Field(default_factory=list)
     budgets: list[int] = Field(default_factory=lambda: [10_000, 25_000, 50_000])
-    backend: str = "sface"
+    backend: str = "sface-bf16"
     critic: str = "facenet"
     attacks: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"eigenface": {}, "blobs": {}})
     defenses: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"none": {}})

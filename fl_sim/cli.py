@@ -250,7 +250,7 @@ def _add_oracle_parser(sub: argparse._SubParsersAction) -> None:
     what.add_argument("--dataset", choices=["orl"], help="a registered data set, one identity per person")
     enroll.add_argument("--id", help="the identity's id, [A-Za-z0-9_.-]{1,64} (with --images)")
     enroll.add_argument("--per-identity", type=int, help="use only the first N images of each identity")
-    enroll.add_argument("--backend", default="sface", help="face-recognition backend (the service's)")
+    enroll.add_argument("--backend", default="sface-bf16", help="face-recognition backend (the service's)")
     enroll.add_argument("--aligner", default="resize", help="how images become crops (as the service)")
     enroll.add_argument("--skip-existing", action="store_true", help="pass over identities already enrolled")
     enroll.set_defaults(fn=cmd_oracle_enroll)

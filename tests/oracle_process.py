@@ -38,7 +38,7 @@ class OracleProcess:
         self.db = folder / "oracle.sqlite"
         self.config = folder / "oracle.yaml"
         self.config.write_text(yaml.safe_dump({"host": "127.0.0.1", "port": self.port, "db": str(self.db),
-                                               "backend": "sface", **settings}))
+                                               "backend": "sface-bf16", **settings}))
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
         self.log = folder / "serve.log"

@@ -76,7 +76,7 @@ def enrolled(oracle, orl) -> str:
 def test_health_and_openapi(oracle):
     r = httpx.get(f"{oracle.url}/v1/health")
     assert r.status_code == 200
-    assert r.json()["status"] == "ok" and r.json()["backend"] == "sface"
+    assert r.json()["status"] == "ok" and r.json()["backend"] == "sface-bf16"
     assert isinstance(r.json()["identities"], int)
     spec = httpx.get(f"{oracle.url}/openapi.json").json()
     assert "/v1/identities/{identity}/similarity" in spec["paths"]
@@ -187,7 +187,7 @@ def test_service_and_in_process_oracle_agree(oracle, enrolled, orl):
 
     images, ids = orl
     to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
-    local = InProcessOracle(to_tensor(images[ids == 0][:4]), backend="sface")
+    local = InProcessOracle(to_tensor(images[ids == 0][:4]), backend="sface-bf16")
     probe = images[[0, 5, 17, 200]]
     small = np.stack([np.asarray(Image.fromarray(x).resize((64, 64), Image.Resampling.BILINEAR)) for x in probe])
     with client(oracle, new_key(oracle, "query")) as q:
@@ -209,7 +209,7 @@ def test_http_client_batches_retries_and_counts_as_the_service_does(oracle, enro
     images, ids = orl
     to_tensor = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2).float() / 255  # noqa: E731
     probe = to_tensor(images[:35])  # more than MAX_BATCH: three requests
-    local = InProcessOracle(to_tensor(images[ids == 0][:4]), backend="sface")
+    local = InProcessOracle(to_tensor(images[ids == 0][:4]), backend="sface-bf16")
     key = new_key(oracle, "query")
     with HttpOracle(oracle.url, key, "orl-s1", max_batch=MAX_BATCH) as remote:
         assert isinstance(remote, SimilarityOracle)
@@ -508,7 +508,7 @@ def test_settings_errors_are_one_line_naming_the_key(tmp_path):
     with pytest.raises(OracleSettingsError, match="oracle.rate_per_second"):
         load_settings(bad)
     s = load_settings(None, port=9000)
-    assert (s.host, s.port, s.backend, s.query_budget) == ("127.0.0.1", 9000, "sface", None)
+    assert (s.host, s.port, s.backend, s.query_budget) == ("127.0.0.1", 9000, "sface-bf16", None)
 
 
 def test_cli_enrolls_files_and_folders_offline(tmp_path, orl, capsys):
