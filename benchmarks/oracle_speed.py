@@ -1,12 +1,13 @@
 """Throughput of the similarity-oracle service under load, beside the raw model in the same run.
 
-    fl-sim bench oracle [--clients 1 4 16] [--seconds 10] [--batch 8] [--threads 2]
+    fl-sim bench oracle [--clients 1 4 16] [--seconds 10] [--batch 8] [--threads 2] [--backend sface-bf16]
 
 Starts `fl-sim oracle serve` on a free loopback port with a fresh store (one ORL person
 enrolled, rate limit out of the way), then for each client count runs that many concurrent HTTP
-clients (`attacks.oracle.HttpOracle`, the attacks' own client) for --seconds, each scoring
-batches of --batch images. Prints requests/s, images/s, p50/p99 latency and the count of
-5xx answers, beside the raw onnxruntime throughput of the same model, same threads and batch.
+clients for --seconds, each posting the same batch of --batch images (the compact array
+encoding, encoded once). Prints requests/s, images/s, p50/p99 latency and the count of
+errors, beside the raw throughput of the same model laid out as the service runs it (same
+workers, one thread each, same batch) and of the reference backend (--reference).
 """
 from __future__ import annotations
 
@@ -29,22 +30,36 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def raw_images_per_second(threads: int, batch: int, seconds: float) -> float:
+def raw_images_per_second(backend: str, workers: int, batch: int, seconds: float) -> float:
+    """The model alone, laid out as the service runs it: `workers` threads, each calling the
+    shared embedder with one thread of its own."""
     import numpy as np
+    import torch
 
-    from fl_sim.faces import SFaceEmbedder
+    from fl_sim.faces import EMBEDDERS
 
-    model = SFaceEmbedder(threads=threads)
+    torch.set_num_threads(1)
+    model = EMBEDDERS.get(backend)()
     x = np.random.default_rng(0).integers(0, 256, size=(batch, 112, 112, 3), dtype=np.uint8)
     model.embed_uint8(x)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        model.embed_uint8(x)
-        n += batch
-    return n / (time.perf_counter() - t0)
+    counts = [0] * workers
+    stop = time.perf_counter() + seconds
+
+    def work(i: int) -> None:
+        while time.perf_counter() < stop:
+            model.embed_uint8(x)
+            counts[i] += batch
+
+    t0 = time.perf_counter()
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(counts) / (time.perf_counter() - t0)
 
 
-def start_service(folder: Path, threads: int) -> tuple[subprocess.Popen, str, str]:
+def start_service(folder: Path, threads: int, backend: str) -> tuple[subprocess.Popen, str, str]:
     import httpx
     import yaml
 
@@ -53,7 +68,7 @@ def start_service(folder: Path, threads: int) -> tuple[subprocess.Popen, str, st
     port = _free_port()
     db = folder / "oracle.sqlite"
     config = folder / "oracle.yaml"
-    config.write_text(yaml.safe_dump({"host": "127.0.0.1", "port": port, "db": str(db), "backend": "sface",
+    config.write_text(yaml.safe_dump({"host": "127.0.0.1", "port": port, "db": str(db), "backend": backend,
                                       "threads": threads, "rate_per_second": 1e6, "max_batch": 256}))
     store = Store(db)
     admin, query = store.create_key("admin")[1], store.create_key("query")[1]
@@ -96,29 +111,35 @@ def _enroll(url: str, admin: str) -> None:
 
 
 def load(url: str, key: str, clients: int, batch: int, seconds: float) -> dict[str, float]:
+    """`clients` threads posting the same batch for `seconds`. The request body is encoded
+    once: the load generator shares the machine's cores with the service, and re-encoding
+    every request would bill the client's work to the service."""
+    import json
+
+    import httpx
     import numpy as np
     import torch
 
-    from attacks.oracle import HttpOracle, OracleError
+    from attacks.oracle import encode_array
 
     images = torch.rand(batch, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    body = json.dumps({"array": encode_array(images)}).encode()
     latencies: list[float] = []
     errors = [0]
     lock = threading.Lock()
     stop = time.perf_counter() + seconds
 
     def client() -> None:
-        with HttpOracle(url, key, "target", max_batch=batch, retries=0) as oracle:
+        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {key}",
+                                                              "Content-Type": "application/json"}) as http:
             while time.perf_counter() < stop:
                 t0 = time.perf_counter()
-                try:
-                    oracle.score(images)
-                except OracleError:
-                    with lock:
-                        errors[0] += 1
-                    continue
+                r = http.post("/v1/identities/target/similarity", content=body)
                 with lock:
-                    latencies.append(time.perf_counter() - t0)
+                    if r.status_code == 200 and len(r.json()["scores"]) == batch:
+                        latencies.append(time.perf_counter() - t0)
+                    else:
+                        errors[0] += 1
 
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client) for _ in range(clients)]
@@ -142,15 +163,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=2, help="the service's (and the raw model's) threads")
+    p.add_argument("--backend", default="sface-bf16", help="the service's face-recognition backend")
+    p.add_argument("--reference", default="sface", help="also measure this backend raw (before the speed work); "
+                                                         "'' to skip")
     args = p.parse_args(argv)
     console = Console()
-    raw = raw_images_per_second(args.threads, args.batch, min(args.seconds, 5))
-    console.print(f"raw SFace (onnxruntime, {args.threads} threads, batch {args.batch}): {raw:.0f} img/s")
-    table = Table(title=f"oracle service, batches of {args.batch}, {args.seconds:.0f} s per row")
+    if args.reference and args.reference != args.backend:
+        ref = raw_images_per_second(args.reference, args.threads, args.batch, min(args.seconds, 5))
+        console.print(f"raw {args.reference} ({args.threads} workers x 1 thread, batch {args.batch}): {ref:.0f} img/s")
+    raw = raw_images_per_second(args.backend, args.threads, args.batch, min(args.seconds, 5))
+    console.print(f"raw {args.backend} ({args.threads} workers x 1 thread, batch {args.batch}): {raw:.0f} img/s")
+    table = Table(title=f"oracle service ({args.backend}), batches of {args.batch}, {args.seconds:.0f} s per row")
     for col in ("clients", "requests/s", "images/s", "% of raw", "p50 ms", "p99 ms", "errors (4xx/5xx)"):
         table.add_column(col, justify="right")
     with tempfile.TemporaryDirectory() as tmp:
-        proc, url, key = start_service(Path(tmp), args.threads)
+        proc, url, key = start_service(Path(tmp), args.threads, args.backend)
         try:
             for n in args.clients:
                 r = load(url, key, n, args.batch, args.seconds)

@@ -198,7 +198,7 @@ def _validation_reason(exc: RequestValidationError) -> str:
 
 def create_app(settings: OracleSettings, backend: Backend | None = None, store: Store | None = None) -> FastAPI:
     store = store or Store(settings.db)
-    backend = backend or Backend(settings.backend, settings.threads, max_images=settings.max_batch)
+    backend = backend or Backend(settings.backend, settings.threads)
     others = store.backends() - {backend.name}
     if others:
         raise ValueError(f"the store {settings.db} holds templates of backend(s) {', '.join(sorted(others))}; "
