@@ -27,9 +27,12 @@ from attacks.oracle import SimilarityOracle
 from attacks.score_search import BlobDirections, EigenDirections, SearchConfig, SearchResult, search
 from fl_sim.registry import Registry, build_settings
 
-# The basis trained on first use: this many public DCGAN faces, these settings.
+# The basis made on first use: this many public DCGAN faces, these settings. iterations=0 is
+# the autoencoder's PCA start (its optimum without the symmetry and generative terms), the
+# basis the search's settings were tuned with; the fully trained autoencoder is
+# `fl-sim eigenfaces train` and `basis=FILE`, not yet shown to search better.
 DEFAULT_PUBLIC_FACES = 4000
-DEFAULT_BASIS = EigenfaceTrainConfig(components=1024, iterations=300)
+DEFAULT_BASIS = EigenfaceTrainConfig(components=1024, iterations=0)
 
 
 def default_basis(config: EigenfaceTrainConfig = DEFAULT_BASIS, faces: int = DEFAULT_PUBLIC_FACES,

@@ -300,6 +300,10 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"{len(jobs)} searches ({', '.join(attacks)} x {len(targets)} {args.split} targets x "
                   f"defenses {', '.join(defenses)}), up to {max(budgets):,} queries each, "
                   f"{config.workers} at a time, oracle {args.oracle}; [bold]{out}[/]")
+    if any(j.attack == "eigenface" and not j.params.get("basis") for j in jobs):
+        from attacks.blackbox import default_basis
+
+        default_basis(progress=console.print)  # trained once here, not by every worker at once
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     try:
