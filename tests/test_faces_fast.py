@@ -10,7 +10,6 @@ so AUC >= 0.99 and rank-1 >= 0.95 leave room only for a real loss.
 """
 from __future__ import annotations
 
-import threading
 
 import numpy as np
 import pytest
@@ -94,26 +93,3 @@ def test_fast_backend_keeps_orl_verification(orl, fast):
     images, ids = orl
     auc, rank1 = verification(fast.embed_uint8(images), ids)
     assert auc >= 0.99 and rank1 >= 0.95, (auc, rank1)  # reference: 0.9994, 0.980
-
-
-def test_fast_backend_is_safe_in_threads(orl, fast):
-    """The oracle's micro-batcher calls one shared embedder from several threads."""
-    x = orl[0][:10]
-    expected = fast.embed_uint8(x)
-    results: list[np.ndarray] = []
-    errors: list[BaseException] = []
-
-    def work():
-        try:
-            for _ in range(3):
-                results.append(fast.embed_uint8(x))
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(3)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors, errors
-    assert len(results) == 9 and all(np.abs(r - expected).max() < 1e-5 for r in results)
