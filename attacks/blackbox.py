@@ -58,6 +58,7 @@ def default_basis(config: EigenfaceTrainConfig = DEFAULT_BASIS, faces: int = DEF
 class EigenfaceConfig(SearchConfig):
     basis: str | None = None  # a basis file (`fl-sim eigenfaces train`); None: the default, trained once
     start: Literal["mean", "grey"] = "mean"  # the mean public face (the authors' code) or a flat grey image
+    grey: bool = False  # grey steps and a grey start (for grey targets)
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,9 @@ class EigenfaceAttack(BlackBoxAttack):
         cfg: EigenfaceConfig = self.config  # type: ignore[assignment]
         basis = EigenfaceBasis.load(cfg.basis) if cfg.basis else default_basis()
         start = basis.mean.clamp(0, 1) if cfg.start == "mean" else torch.full_like(basis.mean, 0.5)
-        return EigenDirections(basis, cfg.sigma), start
+        if cfg.grey:
+            start = start.mean(0, keepdim=True).expand(3, -1, -1).contiguous()
+        return EigenDirections(basis, cfg.sigma, cfg.grey), start
 
 
 @BLACKBOX.register("blobs")

@@ -37,13 +37,17 @@ class Directions(Protocol):
 
 
 class EigenDirections:
-    def __init__(self, basis: EigenfaceBasis, sigma: float = 1.0) -> None:
-        self.basis, self.sigma = basis, sigma
+    """Steps E z; with grey=True the colour channels of each step are averaged (a grey target,
+    such as an ORL photo, gains nothing from colour changes, and they cost queries)."""
+
+    def __init__(self, basis: EigenfaceBasis, sigma: float = 1.0, grey: bool = False) -> None:
+        self.basis, self.sigma, self.grey = basis, sigma, grey
         self._unit = basis.components / basis.scale  # a unit step changes pixels by 1 RMS
 
     def sample(self, n: int, generator: torch.Generator, best: float) -> torch.Tensor:
         z = torch.randn(n, self.basis.k, generator=generator) * self.sigma
-        return (z @ self._unit).view(n, 3, self.basis.size, self.basis.size)
+        d = (z @ self._unit).view(n, 3, self.basis.size, self.basis.size)
+        return d.mean(1, keepdim=True).expand(-1, 3, -1, -1).contiguous() if self.grey else d
 
 
 class BlobDirections:

@@ -188,3 +188,12 @@ def test_bench_writes_its_table_and_a_rerun_redoes_nothing(basis, tmp_path):
     assert len(done) == 4
     assert main(argv) == 0
     assert {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/result.json")} == done
+
+
+def test_grey_eigenface_steps_and_start_are_grey(basis, tmp_path):
+    steps = EigenDirections(basis, grey=True).sample(4, torch.Generator().manual_seed(0), best=0.0)
+    assert torch.equal(steps[:, 0], steps[:, 1]) and torch.equal(steps[:, 1], steps[:, 2])
+    assert steps.abs().max() > 0
+    basis.save(tmp_path / "b.pt")
+    _, start = build_blackbox("eigenface", grey=True, basis=str(tmp_path / "b.pt")).directions_and_start()
+    assert torch.equal(start[0], start[1]) and torch.equal(start[1], start[2])
