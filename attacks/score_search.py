@@ -8,7 +8,17 @@
 
 Each iteration scores a batch of candidates X + lr d_j and moves to the best of them only if
 it beats the incumbent (elitist: the best similarity never decreases; the authors' code
-moved to the best candidate even when it was worse). Multi-start: `starts` runs of
+moved to the best candidate even when it was worse). Two step rules:
+
+- `step="best"` (Algorithm 1): the incumbent moves to the best candidate;
+- `step="gradient"`: the candidates come in mirrored pairs X +- lr d_j, and all their scores,
+  not only the best one, estimate the similarity's gradient in the basis (an evolution-
+  strategies estimate: sum_j (s+_j - s-_j) d_j). The last `line_steps` queries of the batch
+  score points along that estimate at 0.5, 1 and 2 times an adaptive step length (which
+  grows when the longest wins and shrinks when the shortest or no step wins). In 1024
+  dimensions the best of 64 random directions points about 0.09 of the way up the gradient
+  (cosine sqrt(2 ln 64 / 1024)); the estimate from 31 pairs points about 0.17-0.24 of the way,
+  so each query buys more similarity. The best scored point still wins (elitist). Multi-start: `starts` runs of
 `start_iterations` iterations from the start image, the best one continues. The search
 stops at the query budget exactly (the last batch is cut to fit), when the oracle refuses
 (the face gate, a blocked key, a spent budget on the oracle's side: `stopped_by` says which),
@@ -86,12 +96,17 @@ class SearchConfig:
     start_iterations: int = 10  # ... of this many iterations each; the best continues
     seed: int = 0
     checkpoint_every: int = 25
+    step: Literal["best", "gradient"] = "best"  # Algorithm 1, or steps along the batch's gradient estimate
+    line_steps: int = 3  # step="gradient": points scored along the estimate (at 0.5, 1, 2 x the step length)
+    step_length: float = 2.0  # step="gradient": the first step length, in units of lr (then adaptive)
 
     def __post_init__(self) -> None:
         if self.budget < 1 or self.batch < 1 or self.starts < 1 or self.start_iterations < 0:
             raise ValueError("budget, batch and starts must be >= 1, start_iterations >= 0")
-        if self.lr <= 0 or self.lr_late <= 0 or self.sigma <= 0:
-            raise ValueError("lr, lr_late and sigma must be > 0")
+        if self.lr <= 0 or self.lr_late <= 0 or self.sigma <= 0 or self.step_length <= 0:
+            raise ValueError("lr, lr_late, sigma and step_length must be > 0")
+        if self.step == "gradient" and not 1 <= self.line_steps <= self.batch - 2:
+            raise ValueError("step='gradient' needs 1 <= line_steps <= batch - 2 (a mirrored pair at least)")
 
 
 @dataclass
@@ -121,6 +136,7 @@ class _State:
     start_results: list[tuple[float, torch.Tensor]]
     rng: torch.Tensor
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # budget -> best image within it
+    step_length: float = 0.0  # step="gradient": the adaptive step length in units of lr (0: not yet set)
 
 
 Progress = Callable[[int, int, float], None]  # (queries, budget, best similarity)
@@ -183,17 +199,53 @@ def _step(oracle: SimilarityOracle, directions: Directions, config: SearchConfig
           gen: torch.Generator) -> None:
     lr = config.lr if state.total_iterations < config.lr_switch else config.lr_late
     n = min(config.batch, config.budget - state.queries)
-    candidates = (state.incumbent[None] + lr * directions.sample(n, gen, state.best)).clamp(0, 1)
-    scores = np.asarray(oracle.score(candidates), dtype=np.float64)
-    state.queries += n
+    if config.step == "gradient" and n >= config.line_steps + 2:
+        _gradient_step(oracle, directions, config, state, gen, lr, n)
+    else:  # Algorithm 1 (and a last batch too small for pairs)
+        _score(oracle, state, (state.incumbent[None] + lr * directions.sample(n, gen, state.best)).clamp(0, 1))
     state.iteration += 1
     state.total_iterations += 1
+    state.trajectory.append((state.queries, state.best))
+
+
+def _score(oracle: SimilarityOracle, state: _State, candidates: torch.Tensor) -> np.ndarray:
+    """Score candidates, count them, and move to the best only if it beats the incumbent (elitist)."""
+    scores = np.asarray(oracle.score(candidates), dtype=np.float64)
+    state.queries += len(candidates)
     j = int(np.argmax(scores))
-    if scores[j] > state.score:  # elitist: the incumbent stays unless beaten
+    if scores[j] > state.score:
         state.incumbent, state.score = candidates[j].clone(), float(scores[j])
     if scores[j] > state.best:
         state.best_image, state.best = candidates[j].clone(), float(scores[j])
-    state.trajectory.append((state.queries, state.best))
+    return scores
+
+
+LINE_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 0.25)  # step lengths tried along the estimate, in this order
+GROW, SHRINK = 1.5, 0.6  # the step length's adaptation when the longest / the shortest (or none) wins
+
+
+def _gradient_step(oracle: SimilarityOracle, directions: Directions, config: SearchConfig, state: _State,
+                   gen: torch.Generator, lr: float, n: int) -> None:
+    """Mirrored probes, then points along the gradient they estimate: n queries in all."""
+    if state.step_length <= 0:
+        state.step_length = config.step_length
+    pairs = (n - config.line_steps) // 2
+    origin, origin_score = state.incumbent, state.score
+    d = directions.sample(pairs, gen, state.best)
+    probe_scores = _score(oracle, state, torch.cat([origin[None] + lr * d, origin[None] - lr * d]).clamp(0, 1))
+    diff = torch.as_tensor(probe_scores[:pairs] - probe_scores[pairs:], dtype=torch.float32)
+    gradient = torch.einsum("p,pchw->chw", diff, d)
+    # unit: the RMS of one direction, so that a step of length 1 moves as far as one probe
+    gradient = gradient * (d.pow(2).mean().sqrt() / gradient.pow(2).mean().sqrt().clamp_min(1e-12))
+    k = n - 2 * pairs  # the line steps (one more when the pairs leave an odd query over)
+    multipliers = [LINE_MULTIPLIERS[i % len(LINE_MULTIPLIERS)] for i in range(k)]
+    line = torch.stack([(origin + lr * state.step_length * m * gradient).clamp(0, 1) for m in multipliers])
+    line_scores = _score(oracle, state, line)
+    best_line = int(np.argmax(line_scores))
+    if line_scores[best_line] <= max(origin_score, probe_scores.max()) or multipliers[best_line] < 1.0:
+        state.step_length *= SHRINK
+    elif multipliers[best_line] == max(multipliers):
+        state.step_length *= GROW
 
 
 def _save(path: Path, config: SearchConfig, state: _State, gen: torch.Generator) -> None:

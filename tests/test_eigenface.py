@@ -82,10 +82,11 @@ def test_soft_symmetry_and_blobs_are_what_they_claim():
     assert (wide.abs() > 0.005).sum() > (narrow.abs() > 0.005).sum()  # shrinking as similarity rises
 
 
-def test_search_climbs_and_resumes_to_the_same_result(basis, orl, tmp_path):
+@pytest.mark.parametrize("step", ["best", "gradient"])
+def test_search_climbs_and_resumes_to_the_same_result(basis, orl, tmp_path, step):
     images, ids = orl
     config = SearchConfig(budget=700, batch=32, lr=0.05, lr_late=0.02, lr_switch=10, starts=2, start_iterations=3,
-                          checkpoint_every=2)
+                          checkpoint_every=2, step=step)
     whole = search(InProcessOracle(images[ids == 7][:5]), EigenDirections(basis), basis.mean.clamp(0, 1), config,
                    snapshots=(300, 700))
     assert whole.queries == 700 and whole.stopped_by == "budget"
@@ -109,6 +110,24 @@ def test_search_climbs_and_resumes_to_the_same_result(basis, orl, tmp_path):
     assert resumed.queries == 700 and resumed.trajectory == whole.trajectory
     assert torch.equal(resumed.image, whole.image)
     assert torch.equal(resumed.snapshots[300], whole.snapshots[300])
+
+
+def test_the_gradient_estimate_buys_more_similarity_per_query_than_the_best_candidate(basis, orl):
+    """step="gradient" against Algorithm 1's step, same budget, targets and seeds. Measured
+    (3 people x 3 seeds, 1000 queries, this basis): gradient - best = +0.10 on average,
+    per run -0.01 to +0.19; the mean of 6 runs has a standard error of about 0.025."""
+    images, ids = orl
+    gaps = []
+    for person in (7, 11, 30):
+        for seed in (0, 1):
+            reached = {}
+            for step in ("best", "gradient"):
+                config = SearchConfig(budget=1000, batch=32, lr=0.05, lr_late=0.05, starts=1, start_iterations=0,
+                                      seed=seed, step=step)
+                oracle = InProcessOracle(images[ids == person][:5])
+                reached[step] = search(oracle, EigenDirections(basis), basis.mean.clamp(0, 1), config).similarity
+            gaps.append(reached["gradient"] - reached["best"])
+    assert np.mean(gaps) > 0.03, gaps
 
 
 def test_registry_settings_are_validated():
