@@ -1,6 +1,7 @@
 """Black-box (similarity-only) reconstruction attacks by name, with typed settings:
 
-    eigenface   the random search in an eigenface basis (Razzhigaev et al., Algorithm 1)
+    eigenface   the search in an eigenface basis (Razzhigaev et al.; steps along a gradient
+                estimated from the batch's scores by default, Algorithm 1's with step=best)
     blobs       the same search with symmetric grey Gaussian blobs (the paper's baseline)
 
     attack = build_blackbox("eigenface", budget=25000, lr=0.05)
@@ -56,6 +57,14 @@ def default_basis(config: EigenfaceTrainConfig = DEFAULT_BASIS, faces: int = DEF
 
 @dataclass(frozen=True)
 class EigenfaceConfig(SearchConfig):
+    # chosen on the development people (configs/bench/eigenface.yaml has the figures): steps along
+    # the batch's gradient estimate, one start, probes of 0.05 RMS then 0.02 after 80 iterations
+    step: Literal["best", "gradient"] = "gradient"
+    lr: float = 0.05
+    lr_late: float = 0.02
+    lr_switch: int = 80
+    starts: int = 1
+    start_iterations: int = 0
     basis: str | None = None  # a basis file (`fl-sim eigenfaces train`); None: the default, trained once
     start: Literal["mean", "grey"] = "mean"  # the mean public face (the authors' code) or a flat grey image
     grey: bool = False  # grey steps and a grey start (for grey targets)
