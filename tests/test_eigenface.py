@@ -200,7 +200,9 @@ def test_bench_writes_its_table_and_a_rerun_redoes_nothing(basis, tmp_path):
     assert (plain["queries"] == 200).all() and plain["oracle_similarity"].notna().all()
     gated = frame[frame.defense == "face_gate"].set_index("attack")
     assert gated.loc["blobs", "stopped_by"] == "no_face" and gated.loc["blobs", "queries"] == 0  # a grey start
-    assert gated.loc["eigenface", "queries"] == 200  # the mean face is a face
+    # the mean face is a face: the gate lets the eigenface search start (with this small test
+    # basis a long step along the gradient estimate may later leave the faces and be refused)
+    assert gated.loc["eigenface", "queries"] > 1 and gated.loc["eigenface", "stopped_by"] in {"budget", "no_face"}
     for name in ("table.md", "grid.png", "trajectories.png", "report.html"):
         assert (out / name).stat().st_size > 0
     done = {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/result.json")}
