@@ -13,17 +13,19 @@ moved to the best candidate even when it was worse). Two step rules:
 - `step="best"` (Algorithm 1): the incumbent moves to the best candidate;
 - `step="gradient"`: the candidates come in mirrored pairs X +- lr d_j, and all their scores,
   not only the best one, estimate the similarity's gradient in the basis (an evolution-
-  strategies estimate: sum_j (s+_j - s-_j) d_j). The last `line_steps` queries of the batch
-  score points along that estimate at 0.5, 1 and 2 times an adaptive step length (which
-  grows when the longest wins and shrinks when the shortest or no step wins). In 1024
-  dimensions the best of 64 random directions points about 0.09 of the way up the gradient
-  (cosine sqrt(2 ln 64 / 1024)); the estimate from 31 pairs points about 0.17-0.24 of the way,
-  so each query buys more similarity. The best scored point still wins (elitist). Multi-start: `starts` runs of
-`start_iterations` iterations from the start image, the best one continues. The search
-stops at the query budget exactly (the last batch is cut to fit), when the oracle refuses
-(the face gate, a blocked key, a spent budget on the oracle's side: `stopped_by` says which),
-or when asked to. With a checkpoint file it saves its whole state (the generator's
-included) every few iterations and resumes from it to the same result.
+  strategies estimate: sum_j (s+_j - s-_j) d_j). The rest of the batch (`line_steps`, one
+  more when the pairs leave an odd query over; 4 of 64) scores points along that estimate at
+  0.5, 1, 2, 4 times an adaptive step length, which grows when the longest wins and shrinks
+  when one shorter than 1 wins or none beats the incumbent and the probes. In 1024 dimensions
+  the best of 64 random directions points about 0.09 of the way up the gradient (cosine
+  sqrt(2 ln 64 / 1024)); the estimate from 30 pairs about 0.17 (sqrt(30 / 1054)), so each
+  query buys more similarity. The best scored point still wins (elitist).
+
+Multi-start: `starts` runs of `start_iterations` iterations from the start image, the best one
+continues. The search stops at the query budget exactly (the last batch is cut to fit), when
+the oracle refuses (the face gate, a blocked key, a spent budget on the oracle's side:
+`stopped_by` says which), or when asked to. With a checkpoint file it saves its whole state
+(the generator's included) every few iterations and resumes from it to the same result.
 """
 from __future__ import annotations
 
@@ -97,7 +99,7 @@ class SearchConfig:
     seed: int = 0
     checkpoint_every: int = 25
     step: Literal["best", "gradient"] = "best"  # Algorithm 1, or steps along the batch's gradient estimate
-    line_steps: int = 3  # step="gradient": points scored along the estimate (at 0.5, 1, 2 x the step length)
+    line_steps: int = 3  # step="gradient": points scored along the estimate (LINE_MULTIPLIERS x the step length)
     step_length: float = 2.0  # step="gradient": the first step length, in units of lr (then adaptive)
 
     def __post_init__(self) -> None:
@@ -136,7 +138,7 @@ class _State:
     start_results: list[tuple[float, torch.Tensor]]
     rng: torch.Tensor
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # budget -> best image within it
-    step_length: float = 0.0  # step="gradient": the adaptive step length in units of lr (0: not yet set)
+    step_length: float = 1.0  # step="gradient": the adaptive step length in units of lr
 
 
 Progress = Callable[[int, int, float], None]  # (queries, budget, best similarity)
@@ -155,7 +157,7 @@ def search(oracle: SimilarityOracle, directions: Directions, start: torch.Tensor
         if state is None:
             first = float(oracle.score(start[None])[0])
             state = _State("starts", 0, 0, 0, start.clone(), first, start.clone(), first, 1, [(1, first)], [],
-                           gen.get_state())
+                           gen.get_state(), step_length=config.step_length)
         gen.set_state(state.rng)
         while state.queries < config.budget:
             if stop is not None and stop():
@@ -221,14 +223,12 @@ def _score(oracle: SimilarityOracle, state: _State, candidates: torch.Tensor) ->
 
 
 LINE_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 0.25)  # step lengths tried along the estimate, in this order
-GROW, SHRINK = 1.5, 0.6  # the step length's adaptation when the longest / the shortest (or none) wins
+GROW, SHRINK = 1.5, 0.6  # the step length's adaptation: the longest wins / one shorter than 1 (or none) wins
 
 
 def _gradient_step(oracle: SimilarityOracle, directions: Directions, config: SearchConfig, state: _State,
                    gen: torch.Generator, lr: float, n: int) -> None:
     """Mirrored probes, then points along the gradient they estimate: n queries in all."""
-    if state.step_length <= 0:
-        state.step_length = config.step_length
     pairs = (n - config.line_steps) // 2
     origin, origin_score = state.incumbent, state.score
     d = directions.sample(pairs, gen, state.best)
