@@ -68,6 +68,8 @@ class EigenfaceConfig(SearchConfig):
     basis: str | None = None  # a basis file (`fl-sim eigenfaces train`); None: the default, trained once
     start: Literal["mean", "grey"] = "mean"  # the mean public face (the authors' code) or a flat grey image
     grey: bool = False  # grey steps and a grey start (for grey targets)
+    components: int | None = None  # search the first N eigenfaces only (None: all of the basis)
+    symmetric: bool = False  # mirror-symmetric steps
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ class EigenfaceAttack(BlackBoxAttack):
         start = basis.mean.clamp(0, 1) if cfg.start == "mean" else torch.full_like(basis.mean, 0.5)
         if cfg.grey:
             start = start.mean(0, keepdim=True).expand(3, -1, -1).contiguous()
-        return EigenDirections(basis, cfg.sigma, cfg.grey), start
+        return EigenDirections(basis, cfg.sigma, cfg.grey, cfg.components, cfg.symmetric), start
 
 
 @BLACKBOX.register("blobs")

@@ -23,8 +23,10 @@ moved to the best candidate even when it was worse). Two step rules:
 
 Multi-start: `starts` runs of `start_iterations` iterations from the start image, the best one
 continues. The search stops at the query budget exactly (the last batch is cut to fit), when
-the oracle refuses (the face gate, a blocked key, a spent budget on the oracle's side:
-`stopped_by` says which), or when asked to. With a checkpoint file it saves its whole state
+the oracle refuses (a blocked key, a spent budget on the oracle's side, a face gate that
+refuses the start or passes no candidate for 5 batches in a row: `stopped_by` says which), or
+when asked to. Candidates a face gate refuses are isolated by splitting the refused request
+(no query is spent on them) and left out; a gradient step shrinks when its line leaves the faces. With a checkpoint file it saves its whole state
 (the generator's included) every few iterations and resumes from it to the same result.
 """
 from __future__ import annotations
@@ -49,16 +51,25 @@ class Directions(Protocol):
 
 
 class EigenDirections:
-    """Steps E z; with grey=True the colour channels of each step are averaged (a grey target,
-    such as an ORL photo, gains nothing from colour changes, and they cost queries)."""
+    """Steps E z over the basis' first `components` eigenfaces (all: None). grey=True averages
+    each step's colour channels (a grey target, such as an ORL photo, gains nothing from colour
+    changes, and they cost queries); symmetric=True averages each step with its mirror image
+    (faces are nearly symmetric: half the dimensions to search, and steps that stay face-like)."""
 
-    def __init__(self, basis: EigenfaceBasis, sigma: float = 1.0, grey: bool = False) -> None:
-        self.basis, self.sigma, self.grey = basis, sigma, grey
-        self._unit = basis.components / basis.scale  # a unit step changes pixels by 1 RMS
+    def __init__(self, basis: EigenfaceBasis, sigma: float = 1.0, grey: bool = False,
+                 components: int | None = None, symmetric: bool = False) -> None:
+        if components is not None and not 1 <= components <= basis.k:
+            raise ValueError(f"components must be in [1, {basis.k}] (the basis' size), got {components}")
+        self.basis, self.sigma, self.grey, self.symmetric = basis, sigma, grey, symmetric
+        kept = basis.components[:components]
+        # a unit step changes pixels by 1 RMS, whatever the number of components kept
+        self._unit = kept / kept.pow(2).sum().div(kept.shape[1]).sqrt()
 
     def sample(self, n: int, generator: torch.Generator, best: float) -> torch.Tensor:
-        z = torch.randn(n, self.basis.k, generator=generator) * self.sigma
+        z = torch.randn(n, self._unit.shape[0], generator=generator) * self.sigma
         d = (z @ self._unit).view(n, 3, self.basis.size, self.basis.size)
+        if self.symmetric:
+            d = 0.5 * (d + d.flip(-1))
         return d.mean(1, keepdim=True).expand(-1, 3, -1, -1).contiguous() if self.grey else d
 
 
@@ -139,6 +150,7 @@ class _State:
     rng: torch.Tensor
     snapshots: dict[int, torch.Tensor] = field(default_factory=dict)  # budget -> best image within it
     step_length: float = 1.0  # step="gradient": the adaptive step length in units of lr
+    refused_batches: int = 0  # batches in a row in which the face gate passed no image
 
 
 Progress = Callable[[int, int, float], None]  # (queries, budget, best similarity)
@@ -211,15 +223,42 @@ def _step(oracle: SimilarityOracle, directions: Directions, config: SearchConfig
 
 
 def _score(oracle: SimilarityOracle, state: _State, candidates: torch.Tensor) -> np.ndarray:
-    """Score candidates, count them, and move to the best only if it beats the incumbent (elitist)."""
-    scores = np.asarray(oracle.score(candidates), dtype=np.float64)
-    state.queries += len(candidates)
-    j = int(np.argmax(scores))
+    """Score candidates, count them, and move to the best only if it beats the incumbent (elitist).
+    Candidates the face gate refuses score NaN; a batch with none scored counts as refused."""
+    scores = _score_faces(oracle, candidates)
+    scored = ~np.isnan(scores)
+    state.queries += int(scored.sum())
+    if not scored.any():
+        state.refused_batches += 1
+        if state.refused_batches >= MAX_REFUSED_BATCHES:
+            raise QueryRefused("no_face", f"{MAX_REFUSED_BATCHES} batches in a row had no image the face gate passed")
+        return scores
+    state.refused_batches = 0
+    j = int(np.nanargmax(scores))
     if scores[j] > state.score:
         state.incumbent, state.score = candidates[j].clone(), float(scores[j])
     if scores[j] > state.best:
         state.best_image, state.best = candidates[j].clone(), float(scores[j])
     return scores
+
+
+MAX_REFUSED_BATCHES = 5  # the search gives up (stopped_by no_face) after this many batches with no face
+
+
+def _score_faces(oracle: SimilarityOracle, candidates: torch.Tensor) -> np.ndarray:
+    """The oracle's scores, NaN for the candidates a face gate refuses. A gate refuses the whole
+    request when one image shows no face and scores nothing (no query spent), so a refused
+    request is split in halves until the faceless images are isolated: a few more requests,
+    never more queries. Other refusals (a blocked key) end the search as before."""
+    try:
+        return np.asarray(oracle.score(candidates), dtype=np.float64)
+    except QueryRefused as exc:
+        if exc.code != "no_face":
+            raise
+        if len(candidates) == 1:
+            return np.full(1, np.nan)
+    half = len(candidates) // 2
+    return np.concatenate([_score_faces(oracle, candidates[:half]), _score_faces(oracle, candidates[half:])])
 
 
 LINE_MULTIPLIERS = (0.5, 1.0, 2.0, 4.0, 0.25)  # step lengths tried along the estimate, in this order
@@ -233,7 +272,8 @@ def _gradient_step(oracle: SimilarityOracle, directions: Directions, config: Sea
     origin, origin_score = state.incumbent, state.score
     d = directions.sample(pairs, gen, state.best)
     probe_scores = _score(oracle, state, torch.cat([origin[None] + lr * d, origin[None] - lr * d]).clamp(0, 1))
-    diff = torch.as_tensor(probe_scores[:pairs] - probe_scores[pairs:], dtype=torch.float32)
+    # a pair with a refused (NaN) side says nothing about the gradient: weight 0
+    diff = torch.as_tensor(np.nan_to_num(probe_scores[:pairs] - probe_scores[pairs:]), dtype=torch.float32)
     gradient = torch.einsum("p,pchw->chw", diff, d)
     # unit: the RMS of one direction, so that a step of length 1 moves as far as one probe
     gradient = gradient * (d.pow(2).mean().sqrt() / gradient.pow(2).mean().sqrt().clamp_min(1e-12))
@@ -241,8 +281,11 @@ def _gradient_step(oracle: SimilarityOracle, directions: Directions, config: Sea
     multipliers = [LINE_MULTIPLIERS[i % len(LINE_MULTIPLIERS)] for i in range(k)]
     line = torch.stack([(origin + lr * state.step_length * m * gradient).clamp(0, 1) for m in multipliers])
     line_scores = _score(oracle, state, line)
-    best_line = int(np.argmax(line_scores))
-    if line_scores[best_line] <= max(origin_score, probe_scores.max()) or multipliers[best_line] < 1.0:
+    if np.isnan(line_scores).all():  # every point along the estimate left the faces: shorter next time
+        state.step_length *= SHRINK
+        return
+    best_line = int(np.nanargmax(line_scores))
+    if line_scores[best_line] <= np.nanmax([origin_score, *probe_scores]) or multipliers[best_line] < 1.0:
         state.step_length *= SHRINK
     elif multipliers[best_line] == max(multipliers):
         state.step_length *= GROW

@@ -200,9 +200,9 @@ def test_bench_writes_its_table_and_a_rerun_redoes_nothing(basis, tmp_path):
     assert (plain["queries"] == 200).all() and plain["oracle_similarity"].notna().all()
     gated = frame[frame.defense == "face_gate"].set_index("attack")
     assert gated.loc["blobs", "stopped_by"] == "no_face" and gated.loc["blobs", "queries"] == 0  # a grey start
-    # the mean face is a face: the gate lets the eigenface search start (with this small test
-    # basis a long step along the gradient estimate may later leave the faces and be refused)
-    assert gated.loc["eigenface", "queries"] > 1 and gated.loc["eigenface", "stopped_by"] in {"budget", "no_face"}
+    # the mean face is a face: the gate lets the eigenface search start, and candidates it
+    # refuses later are left out, so the search spends its whole budget
+    assert gated.loc["eigenface", "queries"] == 200 and gated.loc["eigenface", "stopped_by"] == "budget"
     for name in ("table.md", "grid.png", "trajectories.png", "report.html"):
         assert (out / name).stat().st_size > 0
     done = {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/result.json")}
@@ -218,3 +218,35 @@ def test_grey_eigenface_steps_and_start_are_grey(basis, tmp_path):
     basis.save(tmp_path / "b.pt")
     _, start = build_blackbox("eigenface", grey=True, basis=str(tmp_path / "b.pt")).directions_and_start()
     assert torch.equal(start[0], start[1]) and torch.equal(start[1], start[2])
+
+
+def test_eigenface_steps_keep_their_scale_and_can_be_symmetric_or_fewer(basis):
+    g = torch.Generator().manual_seed(0)
+    for kwargs in ({}, {"components": 8}, {"symmetric": True}):
+        steps = EigenDirections(basis, **kwargs).sample(256, g, best=0.0)
+        rms = float(steps.pow(2).mean().sqrt())
+        assert 0.6 < rms <= 1.05, (kwargs, rms)  # a unit step moves pixels by about 1 RMS (symmetry halves some)
+    steps = EigenDirections(basis, symmetric=True).sample(4, g, best=0.0)
+    assert torch.allclose(steps, mirror(steps))
+    few = EigenDirections(basis, components=8).sample(32, g, best=0.0).flatten(1)
+    assert torch.linalg.matrix_rank(few) == 8  # 32 steps span the 8 eigenfaces kept, no more
+    with pytest.raises(ValueError, match="components"):
+        EigenDirections(basis, components=basis.k + 1)
+
+
+def test_candidates_the_face_gate_refuses_are_left_out_at_no_cost(orl):
+    """A gate refuses a whole request for one faceless image; the search isolates those images
+    (NaN) by splitting the request, scores the faces, and counts only what was scored."""
+    from attacks.score_search import _score_faces
+    from fl_sim import oracle_defenses as od
+
+    images, ids = orl
+    oracle = InProcessOracle(images[ids == 3][:5], defenses=od.OracleDefenses(face_gate={"min_score": 0.6}))
+    noise = torch.rand(3, 3, 112, 112, generator=torch.Generator().manual_seed(0))
+    faces = images[ids == 4][:5]
+    batch = torch.cat([faces[:2], noise[:1], faces[2:], noise[1:]])  # faces at 0, 1, 3, 4, 5
+    scores = _score_faces(oracle, batch)
+    assert np.isnan(scores[[2, 6, 7]]).all() and not np.isnan(scores[[0, 1, 3, 4, 5]]).any()
+    assert oracle.queries == 5
+    plain = InProcessOracle(images[ids == 3][:5]).score(faces)
+    assert np.allclose(scores[[0, 1, 3, 4, 5]], plain, atol=1e-6)
