@@ -40,6 +40,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from attacks.eigenfaces import EigenfaceBasis
 from attacks.oracle import BudgetExhausted, QueryRefused, SimilarityOracle
@@ -112,6 +113,7 @@ class SearchConfig:
     step: Literal["best", "gradient"] = "best"  # Algorithm 1, or steps along the batch's gradient estimate
     line_steps: int = 3  # step="gradient": points scored along the estimate (LINE_MULTIPLIERS x the step length)
     step_length: float = 2.0  # step="gradient": the first step length, in units of lr (then adaptive)
+    probe_jitter: int = 0  # step="gradient": each probe pair is shifted by the same random offset of up to this many px
 
     def __post_init__(self) -> None:
         if self.budget < 1 or self.batch < 1 or self.starts < 1 or self.start_iterations < 0:
@@ -120,6 +122,8 @@ class SearchConfig:
             raise ValueError("lr, lr_late, sigma and step_length must be > 0")
         if self.step == "gradient" and not 1 <= self.line_steps <= self.batch - 2:
             raise ValueError("step='gradient' needs 1 <= line_steps <= batch - 2 (a mirrored pair at least)")
+        if self.probe_jitter < 0:
+            raise ValueError(f"probe_jitter must be >= 0 (pixels), got {self.probe_jitter}")
 
 
 @dataclass
@@ -271,7 +275,10 @@ def _gradient_step(oracle: SimilarityOracle, directions: Directions, config: Sea
     pairs = (n - config.line_steps) // 2
     origin, origin_score = state.incumbent, state.score
     d = directions.sample(pairs, gen, state.best)
-    probe_scores = _score(oracle, state, torch.cat([origin[None] + lr * d, origin[None] - lr * d]).clamp(0, 1))
+    probes = torch.cat([origin[None] + lr * d, origin[None] - lr * d]).clamp(0, 1)
+    if config.probe_jitter:
+        probes = _jitter(probes, config.probe_jitter, gen)
+    probe_scores = _score(oracle, state, probes)
     # a pair with a refused (NaN) side says nothing about the gradient: weight 0
     diff = torch.as_tensor(np.nan_to_num(probe_scores[:pairs] - probe_scores[pairs:]), dtype=torch.float32)
     gradient = torch.einsum("p,pchw->chw", diff, d)
@@ -289,6 +296,19 @@ def _gradient_step(oracle: SimilarityOracle, directions: Directions, config: Sea
         state.step_length *= SHRINK
     elif multipliers[best_line] == max(multipliers):
         state.step_length *= GROW
+
+
+def _jitter(probes: torch.Tensor, pixels: int, gen: torch.Generator) -> torch.Tensor:
+    """Shift both probes of each mirrored pair by one random offset (edges repeated). The pair's
+    difference then measures the score's slope averaged over small misalignments: it follows
+    what survives a shift (the face) rather than pixel-exact patterns only this recogniser sees,
+    the input-diversity idea of transferable adversarial examples (Xie et al., 2019)."""
+    pairs = len(probes) // 2
+    offsets = torch.randint(-pixels, pixels + 1, (pairs, 2), generator=gen).repeat(2, 1)
+    h, w = probes.shape[-2:]
+    padded = F.pad(probes, (pixels,) * 4, mode="replicate")
+    return torch.stack([padded[i, :, pixels + dy:pixels + dy + h, pixels + dx:pixels + dx + w]
+                        for i, (dy, dx) in enumerate(offsets.tolist())])
 
 
 def _save(path: Path, config: SearchConfig, state: _State, gen: torch.Generator) -> None:

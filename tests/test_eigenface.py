@@ -250,3 +250,35 @@ def test_candidates_the_face_gate_refuses_are_left_out_at_no_cost(orl):
     assert oracle.queries == 5
     plain = InProcessOracle(images[ids == 3][:5]).score(faces)
     assert np.allclose(scores[[0, 1, 3, 4, 5]], plain, atol=1e-6)
+
+
+def test_probe_jitter_shifts_both_probes_of_a_pair_alike_and_within_bounds():
+    from attacks.score_search import _jitter
+
+    g = torch.Generator().manual_seed(0)
+    image = torch.rand(3, 20, 24, generator=g)
+    pairs = 6
+    probes = torch.stack([image] * (2 * pairs))
+    out = _jitter(probes, 3, g)
+    assert out.shape == probes.shape
+    assert torch.equal(out[:pairs], out[pairs:])  # a pair's difference sees one alignment
+    inner = image[:, 3:-3, 3:-3]
+    for shifted in out[:pairs]:  # each is the image moved by at most 3 px (edges repeated)
+        found = [(dy, dx) for dy in range(-3, 4) for dx in range(-3, 4)
+                 if torch.equal(shifted[:, 3 + dy:17 + dy, 3 + dx:21 + dx], inner)]
+        assert found
+    assert len({tuple(o.flatten()[:8].tolist()) for o in out[:pairs]}) > 1  # offsets differ between pairs
+
+
+def test_bench_config_names_variants_by_method_and_rejects_unknown_ones(tmp_path):
+    import yaml
+
+    from benchmarks.eigenface_table import load_bench_config
+
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump({"attacks": {"eigenface": {}, "eigenface-jitter": {"method": "eigenface",
+                                                                                        "probe_jitter": 4}}}))
+    assert list(load_bench_config(path, {}).attacks) == ["eigenface", "eigenface-jitter"]
+    path.write_text(yaml.safe_dump({"attacks": {"eigenface-jitter": {"probe_jitter": 4}}}))
+    with pytest.raises(ValueError, match="eigenface-jitter.*allowed.*blobs"):
+        load_bench_config(path, {})
