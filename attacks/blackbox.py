@@ -58,7 +58,8 @@ def default_basis(config: EigenfaceTrainConfig = DEFAULT_BASIS, faces: int = DEF
 @dataclass(frozen=True)
 class EigenfaceConfig(SearchConfig):
     # chosen on the development people (configs/bench/eigenface.yaml has the figures): steps along
-    # the batch's gradient estimate, one start, probes of 0.05 RMS then 0.02 after 80 iterations
+    # the batch's gradient estimate, one start, probes of 0.05 RMS then 0.02 after 80 iterations,
+    # each probe pair shifted by up to 2 px
     step: Literal["best", "gradient"] = "gradient"
     lr: float = 0.05
     lr_late: float = 0.02
@@ -70,6 +71,7 @@ class EigenfaceConfig(SearchConfig):
     grey: bool = False  # grey steps and a grey start (for grey targets)
     components: int | None = None  # search the first N eigenfaces only (None: all of the basis)
     symmetric: bool = False  # mirror-symmetric steps
+    probe_jitter: int = 2
 
 
 @dataclass(frozen=True)

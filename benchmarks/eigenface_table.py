@@ -56,6 +56,7 @@ class BenchConfig(BaseModel):
     attacks: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"eigenface": {}, "blobs": {}})
     defenses: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"none": {}})
     workers: int = Field(2, ge=1)
+    references: list[str] = Field(default_factory=lambda: ["blobs"])  # paired comparisons against each
 
     @field_validator("attacks")
     @classmethod
@@ -170,7 +171,7 @@ def judge(config: BenchConfig, jobs: list[Job], results: dict[str, dict]):
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def table_markdown(frame, header: str) -> str:
+def table_markdown(frame, header: str, references: list[str] = ("blobs",)) -> str:
     from fl_sim.stats import comparison_markdown, paired_comparisons
 
     lines = [header, "", "| defense | attack | budget | targets | oracle similarity | critic similarity | rank-1 |",
@@ -184,8 +185,9 @@ def table_markdown(frame, header: str) -> str:
     lines += ["", "Paper (Table 2; ArcFace oracle, FaceNet critic): eigenfaces 0.97 / 0.62 at 50k queries; "
                   "Gaussian blobs 0.90 / 0.45 at 300k.", ""]
     attacks = list(dict.fromkeys(frame["attack"]))
-    if len(attacks) > 1:  # every attack against the baseline (blobs), or against the first one listed
-        reference = "blobs" if "blobs" in attacks else attacks[0]
+    # every attack against each configured reference that ran (none ran: the first attack)
+    references = [r for r in references if r in attacks] or attacks[:1]
+    for reference in references if len(attacks) > 1 else []:
         for (defense, budget), part in frame.groupby(["defense", "budget"], sort=False):
             comps = paired_comparisons(part, reference, metrics=("oracle_similarity", "critic_similarity", "rank1"),
                                        victim_columns=("target",))
@@ -339,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (f"Similarity-only reconstruction of {len(targets)} {config.dataset} {args.split} identities "
               f"({config.backend} oracle over {args.oracle}, {config.critic} critic, {config.enroll_images} "
               f"enrolment images each; critic similarity = mean cosine to the target's other images).")
-    markdown = table_markdown(frame, header)
+    markdown = table_markdown(frame, header, config.references)
     (out / "table.md").write_text(markdown + "\n")
     figures(frame, jobs, results, out, config)
     report(out, markdown, jobs)

@@ -86,7 +86,7 @@ def test_soft_symmetry_and_blobs_are_what_they_claim():
 def test_search_climbs_and_resumes_to_the_same_result(basis, orl, tmp_path, step):
     images, ids = orl
     config = SearchConfig(budget=700, batch=32, lr=0.05, lr_late=0.02, lr_switch=10, starts=2, start_iterations=3,
-                          checkpoint_every=2, step=step)
+                          checkpoint_every=2, step=step, probe_jitter=2 if step == "gradient" else 0)
     whole = search(InProcessOracle(images[ids == 7][:5]), EigenDirections(basis), basis.mean.clamp(0, 1), config,
                    snapshots=(300, 700))
     assert whole.queries == 700 and whole.stopped_by == "budget"
@@ -190,7 +190,8 @@ def test_bench_writes_its_table_and_a_rerun_redoes_nothing(basis, tmp_path):
     out = tmp_path / "bench"
     argv = ["bench", "eigenface", "--split", "dev", "--targets", "1", "--budget", "200", "--workers", "1",
             "--out", str(out), "--param", f"eigenface.basis={tmp_path / 'basis.pt'}",
-            "--param", "eigenface.batch=32", "--param", "blobs.batch=32", "--defense", "none,face_gate"]
+            "--param", "eigenface.batch=32", "--param", "blobs.batch=32", "--defense", "none,face_gate",
+            "--attacks", "eigenface,blobs"]
     assert main(argv) == 0
     frame = pd.read_csv(out / "eigenface.csv")
     assert list(frame.columns)[:7] == ["attack", "target", "budget", "queries", "oracle_similarity",
