@@ -89,6 +89,85 @@ class ClipUpdate(Defense):
         return {k: v * scale for k, v in update.items()}
 
 
+def _flat(update: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.cat([v.detach().float().flatten() for v in update.values()])
+
+
+def _unflat(flat: torch.Tensor, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out, i = {}, 0
+    for k, v in like.items():
+        out[k] = flat[i:i + v.numel()].view_as(v).to(v.dtype)
+        i += v.numel()
+    return out
+
+
+@dataclass
+class PruneConfig:
+    rate: float = 0.9  # the fraction of the update's entries set to zero (the smallest in magnitude)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"rate must be in [0, 1), got {self.rate}")
+
+
+@register_defense("prune")
+class PruneUpdate(Defense):
+    """Magnitude pruning (gradient sparsification; Zhu et al.'s defense against DLG): keep the
+    largest (1 - rate) of the entries of the whole update, zero the rest. Exactly
+    round(rate * n) entries are zeroed (ties broken by position), so the rate is what is sent."""
+
+    Config = PruneConfig
+
+    def on_update(self, update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
+        flat = _flat(update)
+        drop = round(self.config.rate * flat.numel())
+        if drop == 0:
+            return update
+        keep = torch.topk(flat.abs(), flat.numel() - drop, sorted=False).indices
+        pruned = torch.zeros_like(flat)
+        pruned[keep] = flat[keep]
+        return _unflat(pruned, update)
+
+
+@dataclass
+class QuantizeConfig:
+    bits: int = 4  # 2**bits levels per parameter tensor, evenly spaced from its min to its max
+    stochastic: bool = True  # unbiased stochastic rounding (QSGD-style); False: to the nearest level
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.bits <= 16:
+            raise ValueError(f"bits must be in [1, 16], got {self.bits}")
+
+
+@register_defense("quantize")
+class QuantizeUpdate(Defense):
+    """Uniform k-bit quantisation of each parameter tensor of the update onto the grid
+    min + j * (max - min) / (2**bits - 1), j = 0 .. 2**bits - 1. Stochastic rounding rounds up
+    with probability equal to the fractional part (drawn from the client's seeded generator),
+    so the quantised update is unbiased: E[q] = the update."""
+
+    Config = QuantizeConfig
+
+    def on_update(self, update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
+        levels = 2 ** self.config.bits - 1
+        out = {}
+        for k, v in update.items():
+            x = v.detach().float()
+            lo, hi = x.min(), x.max()
+            step = (hi - lo) / levels
+            if float(step) == 0.0:  # a constant tensor is on its own grid
+                out[k] = v
+                continue
+            position = (x - lo) / step
+            if self.config.stochastic:
+                noise = torch.rand(position.shape, generator=ctx.generator)
+                index = torch.floor(position + noise)
+            else:
+                index = torch.round(position)
+            out[k] = (lo + index.clamp(0, levels) * step).to(v.dtype)
+        return out
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -120,4 +199,4 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 
 
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
-           "apply_on_data", "apply_on_update", "ClipUpdate"]
+           "apply_on_data", "apply_on_update", "ClipUpdate", "PruneUpdate", "QuantizeUpdate"]

@@ -1,0 +1,97 @@
+"""Client-side defenses (fl_sim/defenses.py): each changes the update as documented, alone,
+composed in order, and in the update the server receives."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fl_sim.config import DefenseConfig
+from fl_sim.defenses import DefenseContext, apply_on_update, build_defenses
+
+
+def _ctx(seed: int = 0) -> DefenseContext:
+    return DefenseContext("fedsgd", 1, 0, 0, 0.1, torch.Generator().manual_seed(seed))
+
+
+def _update(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {"conv.weight": torch.randn(8, 3, 3, 3, generator=g), "fc.weight": torch.randn(10, 16, generator=g) * 3,
+            "fc.bias": torch.randn(10, generator=g) * 0.1}
+
+
+def _defenses(*specs: tuple[str, dict]):
+    return build_defenses([DefenseConfig(name=n, params=p) for n, p in specs])
+
+
+def test_pruning_zeroes_exactly_the_rate_and_keeps_the_largest_entries():
+    update = _update()
+    n = sum(v.numel() for v in update.values())
+    pruned = apply_on_update(_defenses(("prune", {"rate": 0.75})), update, _ctx())
+    flat = torch.cat([v.flatten() for v in pruned.values()])
+    original = torch.cat([v.flatten() for v in update.values()])
+    zero = flat == 0
+    assert int(zero.sum()) == round(0.75 * n)
+    assert torch.equal(flat[~zero], original[~zero])  # what is kept is sent as it was
+    assert float(original[~zero].abs().min()) >= float(original[zero].abs().max())  # the largest are kept
+    assert [v.shape for v in pruned.values()] == [v.shape for v in update.values()]
+
+
+@pytest.mark.parametrize("stochastic", [True, False])
+def test_quantised_values_lie_on_each_tensors_grid(stochastic):
+    update = _update(1)
+    bits = 3
+    out = apply_on_update(_defenses(("quantize", {"bits": bits, "stochastic": stochastic})), update, _ctx())
+    for name, v in update.items():
+        q = out[name]
+        step = float(v.max() - v.min()) / (2 ** bits - 1)
+        j = (q - v.min()) / step
+        assert torch.allclose(j, j.round(), atol=1e-4), name  # on the grid min + j * step
+        assert len(torch.unique(j.round())) <= 2 ** bits
+        assert float((q - v).abs().max()) <= step * (1.0 if stochastic else 0.5) + 1e-5  # the next level at most
+
+
+def test_stochastic_quantisation_is_unbiased_and_reproducible():
+    v = {"w": torch.linspace(-1, 1, 50)}
+    defense = _defenses(("quantize", {"bits": 2}))
+    draws = 2000
+    g = torch.Generator().manual_seed(0)
+    ctx = DefenseContext("fedsgd", 1, 0, 0, 0.1, g)
+    mean = sum(apply_on_update(defense, v, ctx)["w"] for _ in range(draws)) / draws
+    step = 2 / 3
+    # each draw is off by at most one step; the mean of 2000 has a standard error <= step / (2 sqrt(2000))
+    assert float((mean - v["w"]).abs().max()) < 5 * step / (2 * draws ** 0.5)
+    a = apply_on_update(defense, v, _ctx(7))["w"]
+    assert torch.equal(a, apply_on_update(defense, v, _ctx(7))["w"])  # the client's seed decides
+
+
+def test_bad_defense_settings_name_the_key():
+    with pytest.raises(ValueError, match=r"defenses\.0\.params: rate must be in"):
+        _defenses(("prune", {"rate": 1.5}))
+    with pytest.raises(ValueError, match=r"defenses\.1\.params: bits must be in"):
+        _defenses(("clip", {}), ("quantize", {"bits": 0}))
+    with pytest.raises(ValueError, match=r"defenses\.0\.name.*prune.*quantize"):
+        _defenses(("topk", {}))
+
+
+def test_the_server_receives_the_clipped_then_pruned_update():
+    """Composed in order in the client's own step: the case the server attacks holds an update
+    with norm <= the bound and exactly the pruned fraction of zeros."""
+    from fl_sim.config import parse_config
+    from server.cases import simulate_victims
+
+    tree = {
+        "name": "defended", "seed": 1,
+        "data": {"name": "synthetic", "image_size": 32, "options": {"identities": 4, "per_identity": 8}},
+        "model": {"name": "resnet18"},
+        "federation": {"num_clients": 8, "clients_per_round": 2, "rounds": 1, "algorithm": "fedsgd", "batch_size": 1,
+                       "bn_mode": "eval"},
+        "threat": {"victims": {"mode": "explicit", "ids": [3]}, "rounds": [1]},
+        "defenses": [{"name": "clip", "params": {"max_norm": 0.5}}, {"name": "prune", "params": {"rate": 0.9}}],
+        "engine": {"backend": "inprocess"},
+        "metrics": {"lpips": False, "id_backend": None},
+    }
+    (victim,) = simulate_victims(parse_config(tree), [3])
+    flat = torch.cat([g.flatten() for g in victim.case.update.values()])
+    assert float(torch.linalg.vector_norm(flat)) <= 0.5 + 1e-5
+    assert int((flat == 0).sum()) == round(0.9 * flat.numel())
+    assert victim.case.meta["defenses"] == "clip,prune"
