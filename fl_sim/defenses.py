@@ -168,6 +168,45 @@ class QuantizeUpdate(Defense):
         return out
 
 
+@dataclass
+class GaussianConfig:
+    max_norm: float = 1.0  # the clip bound C: the update's L2 norm is clipped to it first
+    noise_multiplier: float = 1.0  # z: noise N(0, (z C)^2) on every entry
+    delta: float = 1e-5  # the delta of the (epsilon, delta) the accountant reports
+
+    def __post_init__(self) -> None:
+        if self.max_norm <= 0 or self.noise_multiplier <= 0:
+            raise ValueError(f"max_norm and noise_multiplier must be > 0, got {self.max_norm}, {self.noise_multiplier}")
+        if not 0 < self.delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {self.delta}")
+
+
+@register_defense("gaussian")
+class GaussianUpdate(Defense):
+    """Local differential privacy by the Gaussian mechanism: clip the update's L2 norm to C,
+    then add N(0, (z C)^2) to every entry (drawn from the client's seeded generator). The
+    privacy it buys is `epsilon(participations)`."""
+
+    Config = GaussianConfig
+
+    def on_update(self, update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
+        clipped = ClipUpdate(ClipConfig(self.config.max_norm)).on_update(update, ctx)
+        std = self.config.noise_multiplier * self.config.max_norm
+        return {k: v + std * torch.randn(v.shape, generator=ctx.generator).to(v.dtype) for k, v in clipped.items()}
+
+    def epsilon(self, participations: int) -> float:
+        """The client's epsilon (at the configured delta) after sending `participations`
+        noised updates, by Opacus's RDP accountant. Sampling rate 1: the server picks the
+        clients and knows whose update it holds, so subsampling amplifies nothing against it."""
+        from opacus.accountants import RDPAccountant
+
+        if participations < 1:
+            return 0.0
+        accountant = RDPAccountant()
+        accountant.history = [(self.config.noise_multiplier, 1.0, participations)]
+        return float(accountant.get_epsilon(self.config.delta))
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -199,4 +238,4 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 
 
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
-           "apply_on_data", "apply_on_update", "ClipUpdate", "PruneUpdate", "QuantizeUpdate"]
+           "apply_on_data", "apply_on_update", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate"]
