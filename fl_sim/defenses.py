@@ -223,6 +223,20 @@ def build_defenses(configs: Sequence[DefenseConfig]) -> list[Defense]:
     return out
 
 
+def privacy_statement(defenses: Sequence[Defense], rounds: int, sampled_fraction: float) -> str | None:
+    """One line on the (epsilon, delta) the configured local-DP defenses give a client over a
+    run of `rounds`: if sampled in every round (the worst case) and at the expected number of
+    participations. None when no defense accounts for privacy."""
+    parts = []
+    for d in defenses:
+        if isinstance(d, GaussianUpdate):
+            expected = max(1, round(rounds * sampled_fraction))
+            parts.append(f"{d.name} (z = {d.config.noise_multiplier:g}, C = {d.config.max_norm:g}): epsilon "
+                         f"{d.epsilon(rounds):.3g} at delta {d.config.delta:g} for a client in all {rounds} rounds, "
+                         f"{d.epsilon(expected):.3g} for {expected} (the expected participations)")
+    return "; ".join(parts) or None
+
+
 def apply_on_data(defenses: Sequence[Defense], images: torch.Tensor, labels: torch.Tensor,
                   ctx: DefenseContext) -> tuple[torch.Tensor, torch.Tensor]:
     for d in defenses:
@@ -238,4 +252,4 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 
 
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
-           "apply_on_data", "apply_on_update", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate"]
+           "apply_on_data", "apply_on_update", "privacy_statement", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate"]

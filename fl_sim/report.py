@@ -138,6 +138,13 @@ def _rows(frame: pd.DataFrame) -> list[list[str]]:
     return [[_fmt(v, c) for v, c in zip(row, frame.columns)] for row in frame.itertuples(index=False)]
 
 
+def _privacy(config: ExperimentConfig) -> str | None:
+    from fl_sim.defenses import build_defenses, privacy_statement
+
+    fed = config.federation
+    return privacy_statement(build_defenses(config.defenses), fed.rounds, fed.clients_per_round / fed.num_clients)
+
+
 def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None = None) -> Path:
     """Render report.html; `extra_sections` are (title, html) pairs a caller adds (e.g. sweeps)."""
     config = run.config()
@@ -162,6 +169,7 @@ def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None
     html = env.from_string(REPORT_TEMPLATE).render(
         config=config,
         config_yaml=config.to_yaml(),
+        privacy=_privacy(config),
         accuracy=accuracy_figure(rounds) if not rounds.empty else None,
         leakage=leakage_figure(metrics) if not metrics.empty else None,
         table_columns=list(table.columns),

@@ -112,3 +112,18 @@ def test_no_paired_section_without_two_attacks_on_a_victim(tmp_path):
         run.add_attack(AttackRecord(1, client, attack, psnr=10.0))
     assert "Paired differences" not in write_report(run).read_text()
     assert run_comparisons(run) == []
+
+
+def test_report_states_the_local_dp_epsilon_of_a_gaussian_defense(tmp_path):
+    from fl_sim.config import DefenseConfig, FederationConfig
+    from fl_sim.defenses import build_defenses
+
+    defense = DefenseConfig(name="gaussian", params={"noise_multiplier": 1.5, "max_norm": 2.0})
+    config = ExperimentConfig(name="dp", defenses=[defense],
+                              federation=FederationConfig(num_clients=100, clients_per_round=10, rounds=20))
+    html = write_report(RunDirectory.create(tmp_path / "run", config)).read_text()
+    (gaussian,) = build_defenses([defense])
+    assert f"epsilon {gaussian.epsilon(20):.3g} at delta 1e-05 for a client in all 20 rounds" in html
+    assert f"{gaussian.epsilon(2):.3g} for 2 (the expected participations)" in html
+    assert "Local differential privacy" not in write_report(RunDirectory.create(tmp_path / "plain",
+                                                                                ExperimentConfig(name="p"))).read_text()
