@@ -68,9 +68,8 @@ class EigenDirections:
         if components is not None and not 1 <= components <= basis.k:
             raise ValueError(f"components must be in [1, {basis.k}] (the basis' size), got {components}")
         self.basis, self.sigma, self.grey, self.symmetric = basis, sigma, grey, symmetric
-        kept = basis.components[:components]
-        # a unit step changes pixels by 1 RMS, whatever the number of components kept
-        self._unit = kept / kept.pow(2).sum().div(kept.shape[1]).sqrt()
+        kept = EigenfaceBasis(basis.mean, basis.components[:components])
+        self._unit = kept.components / kept.scale  # a unit step changes pixels by 1 RMS, however many are kept
 
     def sample(self, n: int, generator: torch.Generator, best: float) -> torch.Tensor:
         z = torch.randn(n, self._unit.shape[0], generator=generator) * self.sigma

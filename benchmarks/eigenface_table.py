@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime
@@ -91,6 +92,11 @@ class Job:
     oracle_url: str | None = None
     oracle_key: str | None = None
 
+    @property
+    def method(self) -> str:
+        """The black-box attack this job runs (a named variant says it in `method`)."""
+        return self.params.get("method", self.attack)
+
 
 # ---------------------------------------------------------------------------------------
 # the data: enrolment images and held-out images per identity
@@ -130,9 +136,8 @@ def run_job(job: Job) -> dict:
     else:
         oracle = InProcessOracle(faces[:job.enroll_images], backend=job.backend,
                                  defenses=OracleDefenses.model_validate(job.defenses), seed=job.target)
-    params = {**job.params, "budget": job.budget}
-    method = params.pop("method", job.attack)
-    result, summary = run_blackbox(method, oracle, f"id{job.target}", folder, params, snapshots=job.budgets)
+    params = {k: v for k, v in job.params.items() if k != "method"} | {"budget": job.budget}
+    result, summary = run_blackbox(job.method, oracle, f"id{job.target}", folder, params, snapshots=job.budgets)
     torch.save({b: img for b, img in result.snapshots.items()}, folder / "snapshots.pt")
     out = {"summary": summary.__dict__, "flagged_at": getattr(oracle, "flagged_at", None),
            "trajectory": result.trajectory}
@@ -171,7 +176,7 @@ def judge(config: BenchConfig, jobs: list[Job], results: dict[str, dict]):
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def table_markdown(frame, header: str, references: list[str] = ("blobs",)) -> str:
+def table_markdown(frame, header: str, references: Sequence[str] = ("blobs",)) -> str:
     from fl_sim.stats import comparison_markdown, paired_comparisons
 
     lines = [header, "", "| defense | attack | budget | targets | oracle similarity | critic similarity | rank-1 |",
@@ -315,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     console.print(f"{len(jobs)} searches ({', '.join(attacks)} x {len(targets)} {args.split} targets x "
                   f"defenses {', '.join(defenses)}), up to {max(budgets):,} queries each, "
                   f"{config.workers} at a time, oracle {args.oracle}; [bold]{out}[/]")
-    if any(j.params.get("method", j.attack) == "eigenface" and not j.params.get("basis") for j in jobs):
+    if any(j.method == "eigenface" and not j.params.get("basis") for j in jobs):
         from attacks.blackbox import default_basis
 
         default_basis(progress=console.print)  # trained once here, not by every worker at once

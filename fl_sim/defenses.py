@@ -55,6 +55,11 @@ class Defense:
         """The update by parameter name; returns the update the client sends."""
         return update
 
+    def privacy(self, rounds: int, expected: int) -> str | None:
+        """What the defense guarantees a client over `rounds` (and at `expected` participations),
+        for the report; None when it makes no formal privacy claim."""
+        return None
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
@@ -206,6 +211,11 @@ class GaussianUpdate(Defense):
         accountant.history = [(self.config.noise_multiplier, 1.0, participations)]
         return float(accountant.get_epsilon(self.config.delta))
 
+    def privacy(self, rounds: int, expected: int) -> str:
+        return (f"{self.name} (z = {self.config.noise_multiplier:g}, C = {self.config.max_norm:g}): epsilon "
+                f"{self.epsilon(rounds):.3g} at delta {self.config.delta:g} for a client in all {rounds} rounds, "
+                f"{self.epsilon(expected):.3g} for {expected} (the expected participations)")
+
 
 # ---------------------------------------------------------------------------------------
 
@@ -224,17 +234,11 @@ def build_defenses(configs: Sequence[DefenseConfig]) -> list[Defense]:
 
 
 def privacy_statement(defenses: Sequence[Defense], rounds: int, sampled_fraction: float) -> str | None:
-    """One line on the (epsilon, delta) the configured local-DP defenses give a client over a
-    run of `rounds`: if sampled in every round (the worst case) and at the expected number of
-    participations. None when no defense accounts for privacy."""
-    parts = []
-    for d in defenses:
-        if isinstance(d, GaussianUpdate):
-            expected = max(1, round(rounds * sampled_fraction))
-            parts.append(f"{d.name} (z = {d.config.noise_multiplier:g}, C = {d.config.max_norm:g}): epsilon "
-                         f"{d.epsilon(rounds):.3g} at delta {d.config.delta:g} for a client in all {rounds} rounds, "
-                         f"{d.epsilon(expected):.3g} for {expected} (the expected participations)")
-    return "; ".join(parts) or None
+    """One line on what the configured defenses guarantee a client over a run of `rounds`: if
+    sampled in every round (the worst case) and at the expected number of participations.
+    None when no defense makes a formal privacy claim."""
+    expected = max(1, round(rounds * sampled_fraction))
+    return "; ".join(p for d in defenses if (p := d.privacy(rounds, expected))) or None
 
 
 def apply_on_data(defenses: Sequence[Defense], images: torch.Tensor, labels: torch.Tensor,
