@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sizes", nargs="+", type=int, default=[32, 64, 112])
     p.add_argument("--victims", nargs="+", type=int, default=[1, 4],
                    help="victims attacked together (1 = the engine alone)")
-    p.add_argument("--iterations", type=int, default=10, help="timed iterations per measurement")
+    p.add_argument("--iterations", type=int, default=None,
+                   help="iterations per measurement (default 10; 200 with --against, which also scores PSNR)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the median is shown")
@@ -128,6 +129,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="multi-victim backend; 'exact' also turns off the factored single-victim path")
     p.add_argument("--in-process", action="store_true", help="measure in this process (peak RSS is then shared)")
     p.add_argument("--json", help="also write the rows to this JSON file")
+    p.add_argument("--against", choices=["breaching"],
+                   help="measure beside another framework in one run (see benchmarks/against_breaching.py); "
+                        "defaults then: ResNet18 at 64 and 112 px and MobileNetV2 at 64 px, --victims 8, --repeats 2")
+    p.add_argument("--breaching", default="breaching==0.1.2",
+                   help="with --against breaching: a pip requirement or the path of a local checkout, installed "
+                        "into breaching's own environment (never this project's)")
+    p.add_argument("--precision", default="fp32", help="fl-sim's precision with --against (fp32, bf16)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
@@ -135,6 +143,20 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(args.one)
         print(json.dumps(_measure(**job)))
         return 0
+    if args.against:
+        from benchmarks import against_breaching
+
+        given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
+        if "--models" in given or "--sizes" in given:
+            rows = [(m, s) for m in args.models for s in args.sizes]
+        else:
+            rows = against_breaching.DEFAULT_ROWS
+        if "--victims" not in given:
+            args.victims = [8]
+        if "--repeats" not in given:
+            args.repeats = 2
+        return against_breaching.main(args, rows)
+    args.iterations = args.iterations or 10
 
     load = os.getloadavg()[0]
     if load > 1.0:

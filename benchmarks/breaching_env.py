@@ -1,0 +1,64 @@
+"""A separate Python environment for breaching, the public framework fl-sim measures itself against.
+
+breaching is installed into its own virtual environment under the asset cache
+(`$FL_SIM_HOME/envs/breaching-<hash of the source>`), never into the project's. The environment
+reuses the project's own PyTorch through a site hook: a speed comparison is only fair when
+both sides run the same torch build with the same BLAS and oneDNN, and it saves a second
+multi-GB torch install. breaching's own requirements (hydra-core, omegaconf, ...) go into its
+environment; what it finds already installed (torch, scipy, lpips) it takes from the project's.
+"""
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+DEFAULT_SOURCE = "breaching==0.1.2"
+_STAMP = ".fl-sim-installed"
+
+
+def env_dir(source: str) -> Path:
+    from fl_sim.assets import home
+
+    tag = hashlib.sha256(source.encode()).hexdigest()[:10]
+    return home() / "envs" / f"breaching-{tag}"
+
+
+def _python(env: Path) -> Path:
+    return env / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+
+
+def _site_packages(python: Path) -> Path:
+    out = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                         capture_output=True, text=True, check=True)
+    return Path(out.stdout.strip())
+
+
+def ensure(source: str = DEFAULT_SOURCE, log=print) -> Path:
+    """The breaching environment's python, created and installed on first use.
+
+    source: a pip requirement (`breaching==0.1.2`) or the path of a local checkout.
+    """
+    if Path(source).expanduser().is_dir():
+        source = str(Path(source).expanduser().resolve())
+    env = env_dir(source)
+    python = _python(env)
+    if (env / _STAMP).is_file():
+        return python
+    log(f"creating breaching's own environment in {env} (once; it shares this project's torch)")
+    venv.EnvBuilder(with_pip=True, clear=True).create(env)
+    project_site = sysconfig.get_paths()["purelib"]
+    # An `import` line in a .pth file runs at start-up; addsitedir also processes the
+    # project's own .pth files (its editable install), so fl_sim imports there too.
+    (_site_packages(python) / "zz_fl_sim_project.pth").write_text(
+        f"import site; site.addsitedir({project_site!r})\n")
+    subprocess.run([str(python), "-m", "pip", "install", "--quiet", source], check=True)
+    check = subprocess.run([str(python), "-c", "import breaching, torch; print(torch.__version__)"],
+                           capture_output=True, text=True, cwd=env)
+    if check.returncode != 0:
+        raise RuntimeError(f"breaching was installed into {env} but does not import:\n{check.stderr[-2000:]}")
+    (env / _STAMP).write_text(source + "\n")
+    return python
