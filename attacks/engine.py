@@ -363,6 +363,15 @@ def reference_objective(case: AttackCase, images: torch.Tensor, labels: torch.Te
     return float(loss.detach())
 
 
+def matching_precision(setting: str, device: str | torch.device) -> str:
+    """The factored matching's precision for a config's `precision` on this device."""
+    if setting != "auto":
+        return setting
+    from attacks.factored import bf16_supported
+
+    return "bf16" if bf16_supported(device) else "fp32"
+
+
 def exact_threshold(matcher: GradientMatcher) -> float:
     """The matching loss under which the factored forms (attacks.factored) lose precision in
     float32: 1 - cos below 1e-3; for L2 (|g|^2 - 2<g,t> + |t|^2, whose float32 terms carry
@@ -416,12 +425,16 @@ class InversionConfig:
     # FedSGD: match without materialising the parameter gradients (attacks.factored) while far
     # from the optimum; the same loss and image gradient up to float rounding, 1.3-3x faster.
     fast: bool = True
+    # The factored matching's convolutions and GEMMs in bfloat16 ("auto": where the device
+    # runs bf16 on fast kernels; reductions stay in float32/64). Measured by `fl-sim bench
+    # attack --against breaching`: PSNR at a fixed iteration count beside the fp32 path.
+    precision: Literal["fp32", "bf16", "auto"] = "fp32"
     num_threads: int = 0  # 0: leave torch's setting alone
 
     def __post_init__(self) -> None:
         choices = {"objective": ("l2", "cosine", "cosine-layer"), "schedule": ("none", "step", "cosine"),
                    "init": ("randn", "rand", "constant", "tensor"), "optimizer": ("adam", "sgd"),
-                   "label_rule": ("auto", "sign", "negative-bias", "count")}
+                   "label_rule": ("auto", "sign", "negative-bias", "count"), "precision": ("fp32", "bf16", "auto")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise ValueError(f"{key} = {getattr(self, key)!r} is not allowed; choose one of {', '.join(allowed)}")
@@ -584,7 +597,7 @@ class GradientInversion(Attack):
 
             ctx.state["factored"] = ctx.state["factored_matcher"] = FactoredMatcher(
                 victim.model, case.bn_mode == "train", victim.names, [t.unsqueeze(0) for t in matcher.targets],
-                matcher.weights, cfg.objective, cfg.objective_scale)
+                matcher.weights, cfg.objective, cfg.objective_scale, matching_precision(cfg.precision, device))
             ctx.state["exact_below"] = exact_threshold(matcher)
         return ctx
 

@@ -18,6 +18,11 @@ round share the weights; each has its own BatchNorm batch statistics, labels and
 Only for FedSGD gradients (a weight difference needs the unrolled steps) and for the
 gradient-matching terms (L2, cosine, per-layer cosine, per-layer weights). Near the optimum
 the expanded forms cancel in float32; callers switch to the exact formulation there.
+
+precision="bf16" runs the convolutions, their backward and double backward and the products
+that form or contract the weight gradients in bfloat16 (CPUs with AVX512-BF16 or AMX, and
+recent GPUs, run these 2-3x faster than float32), while every reduction that makes a matching
+term (<g, t>, |g|^2 and their sums over layers) accumulates in float32 or float64.
 """
 from __future__ import annotations
 
@@ -30,7 +35,48 @@ from torch import nn
 
 from attacks.expanded import supports
 
-__all__ = ["FactoredMatcher", "supports"]
+__all__ = ["FactoredMatcher", "supports", "bf16_supported"]
+# A convolution's weight gradient is contracted through R x R Gram matrices when
+# R^2 (Cout + K) <= _GRAM_RATIO * Cout * K, else formed: a formed gradient costs passes over
+# Cout x K memory, a Gram matrix only GEMM FLOPs, which run many times faster per element.
+# 64 moves ResNet18's layer3 at 112 px (R = 49) to the Gram form: 15-18 -> 18-19 victim-it/s
+# (8 victims, bf16); 4 before.
+_GRAM_RATIO = 64
+
+
+def bf16_supported(device: torch.device | str = "cpu") -> bool:
+    """Whether bfloat16 convolutions and GEMMs run on fast kernels on this device."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.backends.mkldnn.is_available() and bool(
+        torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """x in at least float32 (a bf16 result widened; float64 in tests left alone)."""
+    return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+
+
+class _DenseTerms(torch.autograd.Function):
+    """(<g, t>, <g, g>) per victim of g (V, n) and t (V or 1, n): BLAS dots forward and one fused
+    pass backward, where `(g * t).sum(1)` and `g.pow(2).sum(1)` would write and re-read four
+    parameter-sized temporaries (these passes were a fifth of an iteration)."""
+
+    @staticmethod
+    def forward(ctx, g: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ctx.save_for_backward(g, t)
+        shared = t.shape[0] == 1
+        gt = torch.stack([torch.dot(g[i], t[0 if shared else i]) for i in range(g.shape[0])])
+        gg = torch.stack([torch.dot(g[i], g[i]) for i in range(g.shape[0])])
+        return gt, gg
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, d_gt: torch.Tensor, d_gg: torch.Tensor):
+        g, t = ctx.saved_tensors
+        grad = torch.mul(t, d_gt.view(-1, 1)).addcmul_(g, (2 * d_gg).view(-1, 1))
+        return grad, None
 
 
 @dataclass
@@ -122,13 +168,17 @@ class FactoredMatcher:
     """
 
     def __init__(self, model: nn.Module, bn_train: bool, names: list[str], targets: list[torch.Tensor],
-                 layer_weights: list[float], kind: str = "cosine", scale: float = 1.0) -> None:
+                 layer_weights: list[float], kind: str = "cosine", scale: float = 1.0,
+                 precision: str = "fp32") -> None:
         why = supports(model)
         if why:
             raise NotImplementedError(f"factored matching does not support {why}")
         if kind not in ("l2", "cosine", "cosine-layer"):
             raise ValueError(kind)
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"precision must be fp32 or bf16, got {precision!r}")
         self.kind, self.scale = kind, scale
+        self.low = torch.bfloat16 if precision == "bf16" else None
         self.store = _Store()
         net = copy.deepcopy(model)
         for p in net.parameters():
@@ -146,6 +196,8 @@ class FactoredMatcher:
                     setattr(module, child_name, nn.Identity())
         self.net = net.eval()
         self.targets = dict(zip(names, targets))
+        # The contraction T b of a factored layer reads the target in the GEMM's precision.
+        self.targets_low = {n: t.to(self.low) for n, t in self.targets.items()} if self.low else self.targets
         self.weights = dict(zip(names, layer_weights))
         self.victims = targets[0].shape[0]
         w = torch.tensor(layer_weights, dtype=torch.float64)
@@ -167,26 +219,28 @@ class FactoredMatcher:
             inp = inp.detach().requires_grad_(True)
         self.store.records = []
         self.store.victims = v
-        out = self.net(inp.reshape(v * n, *inp.shape[2:]))
-        records, self.store.records = self.store.records, []
-        ce = F.cross_entropy(out, labels.reshape(-1), reduction="sum") / n
-        gouts = torch.autograd.grad(ce, [r.out for r in records], create_graph=create_graph)
+        low = self.low is not None
+        with torch.autocast(inp.device.type, dtype=self.low or torch.bfloat16, enabled=low):
+            out = self.net(inp.reshape(v * n, *inp.shape[2:]))
+            records, self.store.records = self.store.records, []
+            ce = F.cross_entropy(_wide(out), labels.reshape(-1), reduction="sum") / n
+            gouts = torch.autograd.grad(ce, [r.out for r in records], create_graph=create_graph)
+            terms = [t for rec, gout in zip(records, gouts) for t in self._layer_terms(rec, gout, v, n)]
         gt_sum = torch.zeros(v, dtype=torch.float64, device=inp.device)
         gg_sum = torch.zeros_like(gt_sum)
         per_layer = []
-        for rec, gout in zip(records, gouts):
-            for pname, gt, gg in self._layer_terms(rec, gout, v, n):
-                if pname not in self.targets:
-                    continue
-                w = self.weights[pname]
-                gt, gg = gt.double(), gg.double()
-                if self.kind == "cosine-layer":
-                    per_layer.append(w * (1 - gt / (gg.clamp_min(1e-30).sqrt() * self.tt[pname].sqrt().clamp_min(1e-30))))
-                elif self.kind == "l2":
-                    gt_sum = gt_sum + w * (gg - 2 * gt + self.tt[pname])
-                else:
-                    gt_sum = gt_sum + w * gt
-                    gg_sum = gg_sum + w * gg
+        for pname, gt, gg in terms:
+            if pname not in self.targets:
+                continue
+            w = self.weights[pname]
+            gt, gg = gt.double(), gg.double()
+            if self.kind == "cosine-layer":
+                per_layer.append(w * (1 - gt / (gg.clamp_min(1e-30).sqrt() * self.tt[pname].sqrt().clamp_min(1e-30))))
+            elif self.kind == "l2":
+                gt_sum = gt_sum + w * (gg - 2 * gt + self.tt[pname])
+            else:
+                gt_sum = gt_sum + w * gt
+                gg_sum = gg_sum + w * gg
         if self.kind == "cosine":
             loss = 1 - gt_sum / (gg_sum.clamp_min(1e-30).sqrt() * self.nt.clamp_min(1e-30))
         elif self.kind == "l2":
@@ -228,7 +282,7 @@ class FactoredMatcher:
             a2 = a.transpose(1, 2).reshape(v, cout, n * p) if n > 1 else a.reshape(v, cout, p)
             b2 = cols.transpose(1, 2).reshape(v, k, n * p) if n > 1 else cols.reshape(v, k, p)
             r = n * p
-            if r * r * (cout + k) <= 4 * cout * k:
+            if r * r * (cout + k) <= _GRAM_RATIO * cout * k:
                 yield from self._factored(rec.name + ".weight", a2, b2)
             else:
                 yield from self._dense(rec.name + ".weight", torch.bmm(a2, b2.transpose(1, 2)))
@@ -249,14 +303,16 @@ class FactoredMatcher:
         t = self.targets.get(pname)
         if t is None:
             return
-        g = grad.reshape(grad.shape[0], -1)
-        yield pname, (g * t.reshape(t.shape[0], -1)).sum(1), g.pow(2).sum(1)
+        g = grad.reshape(grad.shape[0], -1).to(t.dtype)
+        gt, gg = _DenseTerms.apply(g, t.reshape(t.shape[0], -1))
+        yield pname, gt, gg
 
     def _factored(self, pname: str, a: torch.Tensor, b: torch.Tensor):
         """dW = a b^T per victim, a (V, O, R), b (V, I, R), never formed."""
-        t = self.targets.get(pname)
+        t = self.targets_low.get(pname)
         if t is None:
             return
+        b = b.to(a.dtype)
         # (T b)^T = b^T T^T: with R small this orientation runs 3-4x faster on the CPU (forward
         # and backward) than bmm(T, b), whose skinny product MKL handles poorly.
         v, o, r = a.shape
@@ -264,6 +320,6 @@ class FactoredMatcher:
             tb_t = (b.transpose(1, 2).reshape(v * r, -1) @ t.reshape(o, -1).T).view(v, r, o)
         else:
             tb_t = torch.bmm(b.transpose(1, 2), t.reshape(t.shape[0], o, b.shape[1]).transpose(1, 2))
-        gt = (a.transpose(1, 2) * tb_t).sum((1, 2))
-        gg = (torch.bmm(a.transpose(1, 2), a) * torch.bmm(b.transpose(1, 2), b)).sum((1, 2))
+        gt = (_wide(a.transpose(1, 2)) * _wide(tb_t)).sum((1, 2))
+        gg = (_wide(torch.bmm(a.transpose(1, 2), a)) * _wide(torch.bmm(b.transpose(1, 2), b))).sum((1, 2))
         yield pname, gt, gg

@@ -25,7 +25,7 @@ from attacks.base import AttackResult, Progress, StopFlag, report, stopped
 from attacks.case import AttackCase
 from attacks.expanded import ExpandedModel, supports
 from attacks.engine import (_EXACT_BELOW, GradientInversion, InversionContext, RestartOutcome, exact_threshold,
-                            layer_weights)
+                            layer_weights, matching_precision)
 from attacks.factored import FactoredMatcher
 
 _SAME = ("model_name", "num_classes", "image_shape", "update_kind", "num_images", "local_lr", "local_steps",
@@ -177,7 +177,7 @@ class MultiVictimInversion:
         if (self.backend in ("auto", "factored") and cfg.fast and c0.update_kind == "gradient"
                 and supports(victim.model) is None):
             fast = FactoredMatcher(victim.model, c0.bn_mode == "train", victim.names, targets, weights,
-                                   cfg.objective, cfg.objective_scale)
+                                   cfg.objective, cfg.objective_scale, matching_precision(cfg.precision, device))
         thresholds = torch.tensor([exact_threshold(ctx.matcher) for ctx in ctxs])
         state = {"fast": fast}
         self.used_backend = "factored" if fast is not None else exact_backend
