@@ -363,13 +363,15 @@ def reference_objective(case: AttackCase, images: torch.Tensor, labels: torch.Te
     return float(loss.detach())
 
 
-def matching_precision(setting: str, device: str | torch.device) -> str:
-    """The factored matching's precision for a config's `precision` on this device."""
+def matching_precision(setting: str, device: str | torch.device, bn_train: bool) -> str:
+    """The factored matching's precision for a config's `precision`: "auto" is bf16 where the
+    device has fast bf16 kernels and BatchNorm runs on its running statistics (see
+    attacks.factored), else fp32."""
     if setting != "auto":
         return setting
     from attacks.factored import bf16_supported
 
-    return "bf16" if bf16_supported(device) else "fp32"
+    return "bf16" if bf16_supported(device) and not bn_train else "fp32"
 
 
 def exact_threshold(matcher: GradientMatcher) -> float:
@@ -426,9 +428,10 @@ class InversionConfig:
     # from the optimum; the same loss and image gradient up to float rounding, 1.3-3x faster.
     fast: bool = True
     # The factored matching's convolutions and GEMMs in bfloat16 ("auto": where the device
-    # runs bf16 on fast kernels; reductions stay in float32/64). Measured by `fl-sim bench
-    # attack --against breaching`: PSNR at a fixed iteration count beside the fp32 path.
-    precision: Literal["fp32", "bf16", "auto"] = "fp32"
+    # runs bf16 on fast kernels and BatchNorm is frozen; reductions stay in float32/64).
+    # `fl-sim bench attack --against breaching` measures it: speed, and PSNR at a fixed
+    # iteration count beside the exact fp32 path.
+    precision: Literal["fp32", "bf16", "auto"] = "auto"
     num_threads: int = 0  # 0: leave torch's setting alone
 
     def __post_init__(self) -> None:
@@ -597,7 +600,8 @@ class GradientInversion(Attack):
 
             ctx.state["factored"] = ctx.state["factored_matcher"] = FactoredMatcher(
                 victim.model, case.bn_mode == "train", victim.names, [t.unsqueeze(0) for t in matcher.targets],
-                matcher.weights, cfg.objective, cfg.objective_scale, matching_precision(cfg.precision, device))
+                matcher.weights, cfg.objective, cfg.objective_scale,
+                matching_precision(cfg.precision, device, case.bn_mode == "train"))
             ctx.state["exact_below"] = exact_threshold(matcher)
         return ctx
 

@@ -177,7 +177,8 @@ class MultiVictimInversion:
         if (self.backend in ("auto", "factored") and cfg.fast and c0.update_kind == "gradient"
                 and supports(victim.model) is None):
             fast = FactoredMatcher(victim.model, c0.bn_mode == "train", victim.names, targets, weights,
-                                   cfg.objective, cfg.objective_scale, matching_precision(cfg.precision, device))
+                                   cfg.objective, cfg.objective_scale,
+                                   matching_precision(cfg.precision, device, c0.bn_mode == "train"))
         thresholds = torch.tensor([exact_threshold(ctx.matcher) for ctx in ctxs])
         state = {"fast": fast}
         self.used_backend = "factored" if fast is not None else exact_backend

@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breaching", default="breaching==0.1.2",
                    help="with --against breaching: a pip requirement or the path of a local checkout, installed "
                         "into breaching's own environment (never this project's)")
-    p.add_argument("--precision", default="fp32", help="fl-sim's precision with --against (fp32, bf16)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="fl-sim's matching precision with --against (the attack's default: auto)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
 
