@@ -54,7 +54,7 @@ def write_cases(model: str, size: int, victims: int, path: Path, seed: int = 0) 
 
 
 def measure_flsim(cases: str, iterations: int, warmup: int, threads: int, exact: bool,
-                  precision: str = "auto") -> dict[str, Any]:
+                  precision: str = "auto", seed: int = 0) -> dict[str, Any]:
     """fl-sim's InvertG on all cases together (in this process)."""
     import torch
 
@@ -73,7 +73,7 @@ def measure_flsim(cases: str, iterations: int, warmup: int, threads: int, exact:
     for c in loaded[1:]:
         c.weights = loaded[0].weights  # one round's victims share the global weights object
     settings: dict[str, Any] = {**AS_BREACHING, "iterations": iterations, "fast": not exact,
-                                "precision": "fp32" if exact else precision}
+                                "precision": "fp32" if exact else precision, "seed": seed}
     attack = build_attack("invertg", **settings)
     stamps: list[float] = []
 
@@ -115,6 +115,7 @@ def main(args, rows_to_measure: list[tuple[str, int]]) -> int:
             base = {"cases": str(cases), "iterations": iterations, "warmup": args.warmup,
                     "threads": args.threads}
             runs: dict[str, list[dict[str, Any]]] = {"breaching": [], "fl-sim": [], "fl-sim exact": []}
+            quality: dict[str, list[list[float]]] = {"fl-sim": [], "fl-sim exact": []}  # by seed
             for rep in range(args.repeats):
                 jobs = [("breaching", [str(breaching_python), str(HERE / "breaching_runner.py"),
                                        json.dumps(base)], tempfile.gettempdir()),
@@ -126,21 +127,46 @@ def main(args, rows_to_measure: list[tuple[str, int]]) -> int:
                 for name, cmd, cwd in (jobs if rep % 2 == 0 else jobs[1::-1] + jobs[2:]):
                     row = _run(cmd, cwd)
                     runs[name].append(row)
+                    if rep == 0 and name in quality:
+                        quality[name].append(row["psnr"])
                     print(f"  {model:12s} {size:4d} px  {name:13s} {row['victim_it_per_s']:7.2f} victim-it/s  "
                           f"PSNR {statistics.mean(row['psnr']):5.2f} dB", file=sys.stderr, flush=True)
-            rows.append(_summarise(model, size, victims, iterations, runs))
+            for seed in range(1, args.quality_seeds):  # more starts for the PSNR comparison only
+                for name, exact in (("fl-sim", False), ("fl-sim exact", True)):
+                    row = _run([sys.executable, str(Path(__file__)), json.dumps(
+                        {**base, "exact": exact, "precision": args.precision, "seed": seed})])
+                    quality[name].append(row["psnr"])
+                    print(f"  {model:12s} {size:4d} px  {name:13s} seed {seed}: PSNR {statistics.mean(row['psnr']):5.2f} dB",
+                          file=sys.stderr, flush=True)
+            rows.append(_summarise(model, size, victims, iterations, runs, quality))
     _print(rows, args.threads, args.repeats, iterations, victims)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
 
 
-def _summarise(model: str, size: int, victims: int, iterations: int, runs: dict[str, list[dict]]) -> dict[str, Any]:
+def _fast_vs_exact(quality: dict[str, list[list[float]]]):
+    """Paired PSNR difference fast - exact over (victim, start) pairs, with its 95 % t interval."""
+    import pandas as pd
+
+    from fl_sim.stats import paired_comparisons
+
+    rows = [{"attack": name, "victim": v, "seed": s, "psnr": p}
+            for name, by_seed in quality.items() for s, psnrs in enumerate(by_seed) for v, p in enumerate(psnrs)]
+    (cmp,) = paired_comparisons(pd.DataFrame(rows), "fl-sim exact", metrics=("psnr",),
+                                victim_columns=("victim", "seed"))
+    return cmp
+
+
+def _summarise(model: str, size: int, victims: int, iterations: int, runs: dict[str, list[dict]],
+               quality: dict[str, list[list[float]]]) -> dict[str, Any]:
+    cmp = _fast_vs_exact(quality)
+
     def med(name: str) -> float:
         return statistics.median(r["victim_it_per_s"] for r in runs[name])
 
-    def mean_psnr(name: str) -> float:
-        return statistics.mean(p for r in runs[name] for p in r["psnr"])
+    def mean_psnr(name: str) -> float:  # the first repeat: later repeats redo the same computation
+        return statistics.mean(runs[name][0]["psnr"])
 
     return {"model": model, "size": size, "victims": victims, "iterations": iterations,
             "breaching_it_per_s": med("breaching"), "flsim_it_per_s": med("fl-sim"),
@@ -150,6 +176,8 @@ def _summarise(model: str, size: int, victims: int, iterations: int, runs: dict[
             "breaching_psnr": mean_psnr("breaching"), "flsim_psnr": mean_psnr("fl-sim"),
             "exact_psnr": mean_psnr("fl-sim exact"), "exact_it_per_s": med("fl-sim exact"),
             "flsim_backend": runs["fl-sim"][0]["backend"],
+            "fast_minus_exact_psnr": cmp.mean_difference, "fast_minus_exact_ci": [cmp.ci_low, cmp.ci_high],
+            "fast_minus_exact_n": cmp.n,
             "breaching_version": runs["breaching"][0]["breaching"], "torch": runs["breaching"][0]["torch"]}
 
 
@@ -159,14 +187,18 @@ def _print(rows: list[dict[str, Any]], threads: int, repeats: int, iterations: i
           f"{victims} victims (ORL, 1 image each, BatchNorm frozen), {iterations} iterations, median of "
           f"{repeats} interleaved repeats. breaching attacks victims one by one; fl-sim together.")
     header = (f"{'model':12s} {'px':>4s} {'breaching it/s':>14s} {'fl-sim it/s':>11s} {'ratio':>6s} "
-              f"{'peak MB b/f':>11s} {'PSNR breaching':>14s} {'fl-sim':>6s} {'exact fp32':>10s} {'fast-exact':>10s}")
+              f"{'peak MB b/f':>11s} {'PSNR breaching':>14s} {'fl-sim':>6s} {'exact fp32':>10s} "
+              f"{'fl-sim - exact [95 % CI], n':>29s}")
     print(header)
     print("-" * len(header))
     for r in rows:
         print(f"{r['model']:12s} {r['size']:4d} {r['breaching_it_per_s']:14.2f} {r['flsim_it_per_s']:11.2f} "
               f"{r['ratio']:5.1f}x {r['breaching_peak_mb']:5.0f}/{r['flsim_peak_mb']:<5.0f} "
               f"{r['breaching_psnr']:14.2f} {r['flsim_psnr']:6.2f} {r['exact_psnr']:10.2f} "
-              f"{r['flsim_psnr'] - r['exact_psnr']:+10.2f}")
+              f"{r['fast_minus_exact_psnr']:+9.2f} [{r['fast_minus_exact_ci'][0]:+.2f}, "
+              f"{r['fast_minus_exact_ci'][1]:+.2f}], {r['fast_minus_exact_n']}")
+    print("PSNR in dB after the fixed iteration count, mean over victims (and starts); the difference "
+          "is paired by victim and start.")
 
 
 if __name__ == "__main__":  # one fl-sim measurement in a fresh process

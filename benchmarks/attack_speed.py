@@ -135,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--breaching", default="breaching==0.1.2",
                    help="with --against breaching: a pip requirement or the path of a local checkout, installed "
                         "into breaching's own environment (never this project's)")
+    p.add_argument("--quality-seeds", type=int, default=1,
+                   help="with --against: starts per victim for the PSNR comparison of fl-sim's fast and exact "
+                        "paths (more starts, a tighter interval; breaching is not rerun)")
+    p.add_argument("--ray-workers", nargs="+", type=int,
+                   help="measure how throughput scales over this many Ray workers (1 CPU each), e.g. 1 2; "
+                        "see benchmarks/attack_scaling.py")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
                    help="fl-sim's matching precision with --against (the attack's default: auto)")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -144,8 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         job = json.loads(args.one)
         print(json.dumps(_measure(**job)))
         return 0
-    if args.against:
-        from benchmarks import against_breaching
+    if args.against or args.ray_workers:
+        from benchmarks import against_breaching, attack_scaling
 
         given = {a.split("=")[0] for a in (sys.argv[1:] if argv is None else argv)}
         if "--models" in given or "--sizes" in given:
@@ -156,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
             args.victims = [8]
         if "--repeats" not in given:
             args.repeats = 2
+        if args.ray_workers:
+            return attack_scaling.main(args, rows)
         return against_breaching.main(args, rows)
     args.iterations = args.iterations or 10
 

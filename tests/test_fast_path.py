@@ -66,7 +66,7 @@ def test_bench_against_breaching_runs_both_tools_on_the_same_victims(tmp_path):
     out = tmp_path / "rows.json"
     proc = subprocess.run([sys.executable, "-m", "fl_sim.cli", "bench", "attack", "--against", "breaching",
                            "--models", "resnet18", "--sizes", "32", "--victims", "2", "--iterations", "8",
-                           "--warmup", "2", "--repeats", "1", "--json", str(out)],
+                           "--warmup", "2", "--repeats", "1", "--quality-seeds", "2", "--json", str(out)],
                           cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "fl-sim vs breaching 0.1.2" in proc.stdout
@@ -77,5 +77,8 @@ def test_bench_against_breaching_runs_both_tools_on_the_same_victims(tmp_path):
     for key in ("breaching_psnr", "flsim_psnr", "exact_psnr"):
         assert math.isfinite(row[key]) and 3 < row[key] < 40
     assert row["ratio"] == pytest.approx(row["flsim_it_per_s"] / row["breaching_it_per_s"])
+    assert row["fast_minus_exact_n"] == 4  # 2 victims x 2 starts, paired
+    low, high = row["fast_minus_exact_ci"]
+    assert low <= row["fast_minus_exact_psnr"] <= high
     # breaching lives in its own environment: the project's does not have it.
     assert subprocess.run([sys.executable, "-c", "import breaching"], capture_output=True, cwd=tmp_path).returncode != 0
