@@ -80,12 +80,17 @@ class AttackCase:
         return path
 
     @classmethod
-    def load(cls, path: str | Path) -> "AttackCase":
-        d = torch.load(Path(path), map_location="cpu", weights_only=True)
+    def from_dict(cls, d: dict[str, Any], where: str = "dict") -> "AttackCase":
+        """The inverse of `to_dict` (`where` names the source in the error)."""
+        d = dict(d)
         fmt = d.pop("format", None)
         if fmt != _FORMAT:
-            raise ValueError(f"{path}: not an attack case file (format {fmt!r}, expected {_FORMAT!r})")
+            raise ValueError(f"{where}: not an attack case file (format {fmt!r}, expected {_FORMAT!r})")
         return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AttackCase":
+        return cls.from_dict(torch.load(Path(path), map_location="cpu", weights_only=True), where=str(path))
 
     # -- the victim model --------------------------------------------------------------------
     def build_model(self) -> nn.Module:

@@ -47,6 +47,11 @@ __all__ = ["FactoredMatcher", "supports", "bf16_supported"]
 _GRAM_RATIO = 64
 
 
+def _gram_form(r: int, cout: int, k: int) -> bool:
+    """Whether a weight gradient of Cout x K over R positions is contracted through Gram matrices."""
+    return r * r * (cout + k) <= _GRAM_RATIO * cout * k
+
+
 def bf16_supported(device: torch.device | str = "cpu") -> bool:
     """Whether bfloat16 convolutions and GEMMs run on fast kernels on this device."""
     device = torch.device(device)
@@ -281,7 +286,7 @@ class FactoredMatcher:
         p = gout.shape[2] * gout.shape[3]
         a = gout.reshape(v, n, cout, p)
         k1 = conv.weight[0].numel()
-        if g == 1 and rec.cols is None and (n * p) ** 2 * (cout + k1) > _GRAM_RATIO * cout * k1:
+        if g == 1 and rec.cols is None and not _gram_form(n * p, cout, k1):
             # Formed gradient: the convolution library's weight-gradient kernel, victims as
             # groups (no unfolded input, no transposed copies).
             yield from self._dense(rec.name + ".weight", self._conv_weight_grad(conv, rec.inp, gout, v, n))
@@ -299,7 +304,7 @@ class FactoredMatcher:
             a2 = a.transpose(1, 2).reshape(v, cout, n * p) if n > 1 else a.reshape(v, cout, p)
             b2 = cols.transpose(1, 2).reshape(v, k, n * p) if n > 1 else cols.reshape(v, k, p)
             r = n * p
-            if r * r * (cout + k) <= _GRAM_RATIO * cout * k:
+            if _gram_form(r, cout, k):
                 yield from self._factored(rec.name + ".weight", a2, b2)
             else:
                 yield from self._dense(rec.name + ".weight", torch.bmm(a2, b2.transpose(1, 2)))

@@ -65,11 +65,7 @@ def measure_flsim(cases: str, iterations: int, warmup: int, threads: int, exact:
 
     torch.set_num_threads(threads)
     blob = torch.load(cases, map_location="cpu", weights_only=True)
-    loaded = []
-    for d in blob["cases"]:
-        d = dict(d)
-        d.pop("format", None)
-        loaded.append(AttackCase(**d))
+    loaded = [AttackCase.from_dict(d) for d in blob["cases"]]
     for c in loaded[1:]:
         c.weights = loaded[0].weights  # one round's victims share the global weights object
     settings: dict[str, Any] = {**AS_BREACHING, "iterations": iterations, "fast": not exact,

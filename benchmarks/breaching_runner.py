@@ -25,6 +25,7 @@ def main(argv: list[str]) -> int:
 
     import breaching
     from attacks.case import AttackCase
+    from fl_sim.metrics import psnr
 
     torch.set_num_threads(job["threads"])
     blob = torch.load(job["cases"], map_location="cpu", weights_only=True)
@@ -34,9 +35,7 @@ def main(argv: list[str]) -> int:
     setup = dict(device=torch.device("cpu"), dtype=torch.float)
     rates, psnrs = [], []
     for d, truth in zip(blob["cases"], blob["truth"]):
-        d = dict(d)
-        d.pop("format", None)
-        case = AttackCase(**d)
+        case = AttackCase.from_dict(d)
         model = case.build_model()
         names = case.parameter_names(model)
         if names != [n for n, _ in model.named_parameters()]:
@@ -67,8 +66,7 @@ def main(argv: list[str]) -> int:
         dm = torch.tensor(case.mean).view(1, -1, 1, 1)
         ds = torch.tensor(case.std).view(1, -1, 1, 1)
         image = (out["data"].detach() * ds + dm).clamp(0, 1)
-        mse = float(((image - truth) ** 2).mean())
-        psnrs.append(10 * torch.log10(torch.tensor(1.0 / max(mse, 1e-12))).item())
+        psnrs.append(float(psnr(image, truth)))
     rates.sort()
     print(json.dumps({"victim_it_per_s": rates[len(rates) // 2], "per_victim_it_per_s": rates, "psnr": psnrs,
                       "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
