@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import threading
 from typing import Iterator
 
 import torch
@@ -30,8 +31,10 @@ def single_thread() -> Iterator[None]:
         torch.set_num_threads(old)
 
 
-@functools.lru_cache(maxsize=2)
-def _model(name: str, num_classes: int) -> nn.Module:
+@functools.lru_cache(maxsize=4)
+def _model(name: str, num_classes: int, thread: int) -> nn.Module:
+    """One model per (architecture, thread): threads of one process (bench shards) must not
+    load weights into, and train, the same module at once."""
     return build_model(name, num_classes)
 
 
@@ -56,7 +59,7 @@ def local_update(config: ExperimentConfig, partition_id: int, server_round: int,
     # (seed, round, client), so a client's update does not depend on which clients the same
     # process (a Ray actor, the in-process grid) trained before it.
     with single_thread(), torch.random.fork_rng(devices=[]):
-        model = _model(config.model.name, data.num_classes)  # built (first call) before seeding
+        model = _model(config.model.name, data.num_classes, threading.get_ident())  # built (first call) before seeding
         model.load_state_dict(global_state)
         torch.manual_seed(seed)
         if fed.algorithm == "fedsgd":
