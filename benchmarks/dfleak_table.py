@@ -34,7 +34,7 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("psnr", "mse", "lpips", "ssim", "id_similarity")
+METRICS = ("psnr", "mse", "lpips", "ssim", "id_similarity", "id_rank1")
 BENCH_FILE = "bench.json"
 
 # DFLeak paper, Table II (ResNet18 gender classifier, batch 1) and Table V (CelebA-HQ 112).
@@ -143,7 +143,7 @@ def attack_victims(args, config, victims: list[int], run) -> None:
 
     from fl_sim.federated_data import federated_data, public_set
     from server.attack_runner import AttackRunner, RunnerEvents
-    from server.cases import simulate_victims
+    from server.cases import identity_gallery, simulate_victims
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -173,13 +173,14 @@ def attack_victims(args, config, victims: list[int], run) -> None:
 
     def on_done(task, rec):
         print(f"  {rec.attack}: psnr {rec.psnr:.2f} ssim {rec.ssim:.3f} lpips {rec.lpips:.3f} "
-              f"id {rec.id_similarity:.3f} labels {rec.label_accuracy:.2f}  {rec.seconds:.0f} s", flush=True)
+              f"id {rec.id_similarity:.3f} rank-1 {rec.id_rank1:.2f} labels {rec.label_accuracy:.2f}  "
+              f"{rec.seconds:.0f} s", flush=True)
 
     runner = AttackRunner(run, config.attacks, config.metrics, config.device, 1,
                           public=public_set(config, data).images, events=RunnerEvents(on_start, on_iteration, on_done),
-                          together=False, record_variants=True)
+                          together=False, record_variants=True, gallery=identity_gallery(config, data))
     for v in cases:
-        runner.submit(v.case, v.truth_images, v.truth_labels, v.round, v.client)
+        runner.submit(v.case, v.truth_images, v.truth_labels, v.round, v.client, v.truth_index)
     if runner.failures:
         for rnd_, client, key, error in runner.failures:
             print(f"failed: client {client} {key}: {error}", flush=True)
@@ -227,24 +228,30 @@ def summarise(frame, order: list[str]):
 
 
 def describe(config, split: str, victims: list[int], iterations) -> str:
+    from fl_sim.federated_data import federated_data
+
     fed = config.federation
     return (f"{config.data.name} at {config.data.image_size} px, {config.model.name}, FedSGD batch {fed.batch_size}, "
             f"BatchNorm {fed.bn_mode}, {len(victims)} {'evaluation' if split == 'eval' else 'development'} victims "
             f"(clients {', '.join(map(str, victims))}), {iterations} iterations per attack (the paper: 5000). "
             "SSIM: standard Gaussian-window SSIM (the paper's code reports complex-wavelet SSIM). "
-            "Rows named `method [policy]` are the same runs returned by another `select` policy.")
+            "Rows named `method [policy]` are the same runs returned by another `select` policy. "
+            f"Rank-1: the critic ({config.metrics.id_backend}) names the victim first among all "
+            f"{int(federated_data(config).dataset.identities.max()) + 1} identities of the data set, each known "
+            "from its other images (chance: one in that many).")
 
 
 def markdown(agg, comparisons, header: str) -> str:
     from fl_sim.stats import comparison_markdown
 
     lines = [header, "", "Mean ± std over victims:", "",
-             "| method | PSNR ↑ | MSE ↓ | LPIPS ↓ | SSIM ↑ | id similarity ↑ | s / victim | n |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| method | PSNR ↑ | MSE ↓ | LPIPS ↓ | SSIM ↑ | id similarity ↑ | rank-1 ↑ | s / victim | n |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for _, r in agg.iterrows():
         lines.append(f"| {r['attack']} | {r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} | {r['mse_mean']:.4f} | "
                      f"{r['lpips_mean']:.3f} ± {r['lpips_std']:.3f} | {r['ssim_mean']:.3f} | "
-                     f"{r['id_similarity_mean']:.3f} ± {r['id_similarity_std']:.3f} | {r['seconds_mean']:.0f} | "
+                     f"{r['id_similarity_mean']:.3f} ± {r['id_similarity_std']:.3f} | {r['id_rank1_mean']:.0%} | "
+                     f"{r['seconds_mean']:.0f} | "
                      f"{int(r['victims'])} |")
     lines += ["", "Paired, victim by victim:", "", comparison_markdown(comparisons)]
     lines += ["", "The paper, Table II (ResNet18 gender classifier, batch 1, 5000 iterations, GPU):", "",
@@ -301,6 +308,7 @@ def report_sections(agg, comparisons, header: str, grid_png: Path) -> list[tuple
         "LPIPS ↓": agg["lpips_mean"].map("{:.3f}".format),
         "SSIM ↑": agg["ssim_mean"].map("{:.3f}".format),
         "id similarity ↑": agg["id_similarity_mean"].map("{:.3f}".format),
+        "rank-1 ↑": agg["id_rank1_mean"].map("{:.0%}".format),
         "s / victim": agg["seconds_mean"].map("{:.0f}".format),
     })
     paired = comparison_frame(comparisons)

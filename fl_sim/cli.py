@@ -155,6 +155,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 BENCHES = {
     "attack": "benchmarks.attack_speed",
+    "central": "benchmarks.central",
     "federation": "benchmarks.federation_speed",
     "dfleak": "benchmarks.dfleak_table",
     "oracle": "benchmarks.oracle_speed",

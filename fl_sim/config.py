@@ -74,6 +74,9 @@ class FederationConfig(Section):
     partitioning: Literal["iid", "by-identity", "dirichlet"] = "by-identity"
     dirichlet_alpha: float = Field(0.5, gt=0)
     eval_every: int = Field(1, ge=1)
+    # Rounds whose global model is kept as models/round-NNN.pt (global_model.pt always holds
+    # the latest): checkpoints to attack offline, e.g. `fl-sim bench dfleak model.weights=...`.
+    save_rounds: list[int] = Field(default_factory=list)
     # How clients run BatchNorm while training: "train" (batch statistics, the usual) or
     # "eval" (frozen running statistics, e.g. for batch-1 clients). Attack cases record it.
     bn_mode: Literal["train", "eval"] = "train"

@@ -15,7 +15,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 
 from fl_sim import assets
-from fl_sim.faces import EMBEDDERS, FaceEmbedder, embedder  # noqa: F401  (re-exported)
+from fl_sim.faces import EMBEDDERS, FaceEmbedder, embedder, template_of  # noqa: F401  (re-exported)
 
 
 def _pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +96,45 @@ def id_similarity(a: torch.Tensor, b: torch.Tensor, backend: str = "facenet") ->
     return torch.from_numpy((model.embed(a) * model.embed(b)).sum(1))
 
 
+class IdentityGallery:
+    """Every identity of a data set as the critic sees it, for rank-1 re-identification:
+    is the person the critic finds most like a reconstruction the victim?
+
+    Each identity's template is the normalised mean embedding of its images, leaving out the
+    images the victim trained on (a reconstruction must be recognised from other photos of
+    the person, not matched to its own source image). An identity whose only images are the
+    victim's cannot be re-identified and counts as a miss.
+    """
+
+    def __init__(self, embeddings: np.ndarray, identities: np.ndarray, backend: str) -> None:
+        self.embeddings = embeddings.astype(np.float32)  # (N, D), unit rows, in data set order
+        self.identities = np.asarray(identities, dtype=np.int64)
+        self.backend = backend
+        self.people = np.unique(self.identities[self.identities >= 0])
+
+    @classmethod
+    def of(cls, images: torch.Tensor, identities: torch.Tensor, backend: str = "facenet",
+           chunk: int = 64) -> "IdentityGallery":
+        model = embedder(backend)
+        emb = np.concatenate([model.embed(images[i:i + chunk]) for i in range(0, len(images), chunk)])
+        return cls(emb, identities.cpu().numpy(), backend)
+
+    def ranks(self, recon: torch.Tensor, truth_index: np.ndarray) -> np.ndarray:
+        """The rank (1 = best) of each reconstruction's true identity among all identities;
+        recon[i] shows data set image truth_index[i]."""
+        truth_index = np.asarray(truth_index, dtype=np.int64)
+        keep = np.ones(len(self.identities), dtype=bool)
+        keep[truth_index] = False
+        templates = np.stack([template_of(self.embeddings[keep & (self.identities == p)])
+                              if (keep & (self.identities == p)).any() else np.full(self.embeddings.shape[1], np.nan)
+                              for p in self.people])
+        scores = embedder(self.backend).embed(recon.detach().float().cpu()) @ np.nan_to_num(templates, nan=0.0).T
+        scores[:, np.isnan(templates[:, 0])] = -np.inf
+        true_col = np.searchsorted(self.people, self.identities[truth_index])
+        own = scores[np.arange(len(truth_index)), true_col]
+        return 1 + (scores > own[:, None]).sum(axis=1) + np.isinf(own) * len(self.people)
+
+
 def label_accuracy(predicted: torch.Tensor, truth: torch.Tensor) -> float:
     """Share of labels recovered, as multisets (a batch's order is unknown to the attacker)."""
     p = np.bincount(predicted.cpu().numpy(), minlength=1)
@@ -120,11 +159,15 @@ METRICS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def image_metrics(recon: torch.Tensor, truth: torch.Tensor, names: list[str] | None = None,
-                  id_backend: str | None = None) -> dict[str, np.ndarray]:
-    """Every named metric per image, after matching the batch to the ground truth."""
+                  id_backend: str | None = None, gallery: IdentityGallery | None = None,
+                  truth_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every named metric per image, after matching the batch to the ground truth; with a
+    gallery and the truth's data set indices, also rank-1 re-identification (1 or 0)."""
     order = match_to_truth(recon, truth)
     recon = recon.detach().cpu()[torch.as_tensor(order)]
     out = {n: METRICS[n](recon, truth).numpy() for n in (names or list(METRICS))}
     if id_backend:
         out["id_similarity"] = id_similarity(recon, truth, id_backend).numpy()
+    if gallery is not None and truth_index is not None:
+        out["id_rank1"] = (gallery.ranks(recon, truth_index) == 1).astype(np.float64)
     return out

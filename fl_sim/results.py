@@ -5,6 +5,8 @@
       results.sqlite  the store: every finished (round, client, attack) and round, at once
       metrics.csv     one row per (round, client, attack), exported from the store
       rounds.csv      one row per round
+      global_model.pt the global model's state_dict after the last finished round
+      models/         round-NNN.pt: the global model after each round in federation.save_rounds
       images/         ground truth and reconstructions as PNG
       report.html
 
@@ -44,6 +46,7 @@ class AttackRecord:
     ssim: float = float("nan")
     lpips: float = float("nan")
     id_similarity: float = float("nan")
+    id_rank1: float = float("nan")  # share of the images whose critic rank-1 identity is the victim's
     label_accuracy: float = float("nan")
     iterations: int = 0
     seconds: float = 0.0
@@ -221,6 +224,20 @@ class RunDirectory:
         return None if row is None else row[0]
 
     # -- exports -------------------------------------------------------------------
+    def save_model(self, state: dict[str, torch.Tensor], server_round: int | None = None) -> Path:
+        """The global model as a plain state_dict file (what `model.weights` loads):
+        `global_model.pt`, or `models/round-NNN.pt` for a round. Written to a temporary file and
+        renamed, so a reader (or a killed run) never sees half a model."""
+        path = self.path / "global_model.pt" if server_round is None else self.model_path(server_round)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+        os.replace(tmp, path)
+        return path
+
+    def model_path(self, server_round: int) -> Path:
+        return self.path / "models" / f"round-{server_round:03d}.pt"
+
     def metrics_frame(self) -> pd.DataFrame:
         cols = [f.name for f in dataclasses.fields(AttackRecord)]
         return pd.DataFrame([dataclasses.asdict(r) for r in self.attack_records()], columns=cols)

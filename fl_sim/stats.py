@@ -22,6 +22,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "ssim": True,
     "lpips": False,
     "id_similarity": True,
+    "id_rank1": True,
     "label_accuracy": True,
     "oracle_similarity": True,
     "critic_similarity": True,
@@ -41,6 +42,8 @@ TIE_TOLERANCE: dict[str, float] = {
     # cosine similarity of face embeddings: verification thresholds sit at ~0.3-0.6 and
     # same-identity scores spread over tenths, so no match decision turns on 0.01
     "id_similarity": 0.01,
+    # a share of re-identified images: any difference is a whole image, so only equality ties
+    "id_rank1": 0.0,
     # a fraction of a batch's labels: any difference is a whole label, so only equality ties
     "label_accuracy": 0.0,
     # the black-box attacks' scores: cosines, as id_similarity; rank-1 is a hit or a miss

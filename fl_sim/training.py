@@ -51,4 +51,20 @@ def fedavg_train(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, l
     return total / max(steps, 1)
 
 
-__all__ = ["train_mode", "fedsgd_gradient", "fedavg_train"]
+def evaluate(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch: int = 128) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy in eval mode (BatchNorm on running statistics);
+    NaN for an empty set."""
+    if len(labels) == 0:
+        return float("nan"), float("nan")
+    model.eval()
+    correct, loss = 0, 0.0
+    with torch.no_grad():
+        for i in range(0, len(labels), batch):
+            out = model(inputs[i:i + batch])
+            y = labels[i:i + batch]
+            loss += float(F.cross_entropy(out, y, reduction="sum"))
+            correct += int((out.argmax(1) == y).sum())
+    return correct / len(labels), loss / len(labels)
+
+
+__all__ = ["train_mode", "fedsgd_gradient", "fedavg_train", "evaluate"]

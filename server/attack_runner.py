@@ -42,6 +42,7 @@ class AttackTask:
     truth_images: torch.Tensor | None  # for the metrics only; None when unknown (offline)
     truth_labels: torch.Tensor | None
     together: tuple[int, ...] = ()  # the clients attacked in one batch with this one (for display)
+    truth_index: np.ndarray | None = None  # the truth's indices in the data set (re-identification)
 
 
 @dataclass
@@ -53,6 +54,7 @@ class Victim:
     case: Any  # attacks.case.AttackCase
     truth_images: torch.Tensor | None
     truth_labels: torch.Tensor | None
+    truth_index: np.ndarray | None = None  # the truth's indices in the data set (re-identification)
 
 
 @dataclass
@@ -120,8 +122,9 @@ class AttackRunner:
     def __init__(self, run: RunDirectory, attack_configs: list[AttackConfig], metrics_cfg: MetricsConfig,
                  device: str = "cpu", parallelism: int = 1, public: torch.Tensor | None = None,
                  events: RunnerEvents | None = None, stop: threading.Event | None = None,
-                 together: bool = True, record_variants: bool = False) -> None:
+                 together: bool = True, record_variants: bool = False, gallery=None) -> None:
         self.run = run
+        self.gallery = gallery  # fl_sim.metrics.IdentityGallery: rank-1 re-identification when given
         self.attacks = list(attack_configs)
         self.metrics_cfg = metrics_cfg
         self.device = device
@@ -153,14 +156,14 @@ class AttackRunner:
 
     # -- submitting -----------------------------------------------------------------------
     def submit(self, case, truth_images: torch.Tensor | None, truth_labels: torch.Tensor | None,
-               round: int, client: int) -> list[AttackRecord]:
+               round: int, client: int, truth_index: np.ndarray | None = None) -> list[AttackRecord]:
         """Run (or schedule) every attack not yet done on this case. In-process runs return
         their records; Ray runs return [] and are collected by `wait()`."""
         records: list[AttackRecord] = []
         for attack in self.pending(round, client):
             if self.stop is not None and self.stop.is_set():
                 break
-            task = AttackTask(round, client, attack, case, truth_images, truth_labels)
+            task = AttackTask(round, client, attack, case, truth_images, truth_labels, truth_index=truth_index)
             if self.use_ray():
                 self._submit_ray(task)
             elif (rec := self._run_local(task)) is not None:
@@ -172,12 +175,14 @@ class AttackRunner:
         attack runs on all its pending victims as one batch when their cases allow it (same
         global weights and shapes); everything else goes victim by victim, as `submit`."""
         if not self.together or len(victims) < 2 or self.use_ray():
-            return [r for v in victims for r in self.submit(v.case, v.truth_images, v.truth_labels, v.round, v.client)]
+            return [r for v in victims
+                    for r in self.submit(v.case, v.truth_images, v.truth_labels, v.round, v.client, v.truth_index)]
         from attacks.multi import compatible
 
         records: list[AttackRecord] = []
         for attack_cfg in self.attacks:
-            tasks = [AttackTask(v.round, v.client, attack_cfg, v.case, v.truth_images, v.truth_labels)
+            tasks = [AttackTask(v.round, v.client, attack_cfg, v.case, v.truth_images, v.truth_labels,
+                                truth_index=v.truth_index)
                      for v in victims if (v.round, v.client, attack_cfg.key) not in self._done]
             if self.stop is not None and self.stop.is_set():
                 break
@@ -316,7 +321,7 @@ class AttackRunner:
             pass  # no ground truth (an offline case): the reconstruction only
         elif recon.shape == truth.shape:
             names = ["psnr", "mse", "ssim"] + (["lpips"] if self.metrics_cfg.lpips else [])
-            values = image_metrics(recon, truth, names, self.metrics_cfg.id_backend)
+            values = image_metrics(recon, truth, names, self.metrics_cfg.id_backend, self.gallery, task.truth_index)
             for k, v in values.items():
                 setattr(rec, k, _mean(v))
         else:
@@ -335,10 +340,11 @@ class AttackRunner:
         return rec
 
 
-def image_metrics(recon: torch.Tensor, truth: torch.Tensor, names: list[str], id_backend: str | None):
+def image_metrics(recon: torch.Tensor, truth: torch.Tensor, names: list[str], id_backend: str | None,
+                  gallery=None, truth_index: np.ndarray | None = None):
     from fl_sim.metrics import image_metrics as _im
 
-    return _im(recon, truth, names=names, id_backend=id_backend)
+    return _im(recon, truth, names=names, id_backend=id_backend, gallery=gallery, truth_index=truth_index)
 
 
 def label_accuracy(pred: torch.Tensor, truth: torch.Tensor) -> float:

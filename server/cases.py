@@ -69,6 +69,17 @@ def victim_truth(config: ExperimentConfig, data: FederatedData, partition_id: in
     return stack(data, client_sample(config, data, partition_id, server_round))
 
 
+def identity_gallery(config: ExperimentConfig, data: FederatedData):
+    """The critic's view of every identity in the clients' data set, for rank-1
+    re-identification of reconstructions; None without a critic, attacks or identities."""
+    from fl_sim.metrics import IdentityGallery
+
+    ds = data.dataset
+    if not config.metrics.id_backend or not config.attacks or not bool((ds.identities >= 0).any()):
+        return None
+    return IdentityGallery.of(ds.images, ds.identities, config.metrics.id_backend)
+
+
 def simulate_victims(config: ExperimentConfig, partition_ids: Sequence[int], server_round: int = 1,
                      global_state: dict[str, torch.Tensor] | None = None) -> list[Victim]:
     """The victims' cases (and truth) the server would attack in `server_round`, without Flower.
@@ -89,8 +100,10 @@ def simulate_victims(config: ExperimentConfig, partition_ids: Sequence[int], ser
             raise ValueError(f"victim {pid} holds no images (clients 0..{len(data.partitions) - 1})")
         reply = local_update(config, pid, server_round, global_state)
         case = make_case(config, data, server_round, reply, global_state, names)
-        victims.append(Victim(server_round, pid, case, *victim_truth(config, data, pid, server_round)))
+        victims.append(Victim(server_round, pid, case, *victim_truth(config, data, pid, server_round),
+                              truth_index=client_sample(config, data, pid, server_round)))
     return victims
 
 
-__all__ = ["initial_global_state", "make_case", "victim_truth", "simulate_victims", "parameter_names"]
+__all__ = ["initial_global_state", "make_case", "victim_truth", "simulate_victims", "parameter_names",
+           "identity_gallery"]

@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from flwr.app import ArrayRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
@@ -26,11 +25,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from clients.messages import TRAIN_LOSS, PartitionInfo, TrainInstruction, TrainReply, reply_partition
 from fl_sim.config import ExperimentConfig
-from fl_sim.federated_data import FederatedData, choose_victims, federated_data, public_set
+from fl_sim.federated_data import FederatedData, choose_victims, client_sample, federated_data, public_set
 from fl_sim.models import build_model
 from fl_sim.results import AttackRecord, RoundRecord, RunDirectory
+from fl_sim.training import evaluate
 from server.attack_runner import PUBLIC_SET_FIELDS, AttackRunner, AttackTask, RunnerEvents, Victim
-from server.cases import initial_global_state, make_case, victim_truth
+from server.cases import identity_gallery, initial_global_state, make_case, victim_truth
 from server.strategy import CuriousFedAvg
 
 log = logging.getLogger("fl_sim.server")
@@ -141,7 +141,8 @@ class Federation:
         self.runner = AttackRunner(self.run, self.config.attacks, self.config.metrics, self.config.device,
                                    self.config.engine.attack_parallelism, public=self._public_if_needed(),
                                    events=RunnerEvents(self._attack_start, self._attack_iteration, self._attack_done),
-                                   stop=job.stop, together=self.config.engine.attack_together)
+                                   stop=job.stop, together=self.config.engine.attack_together,
+                                   gallery=identity_gallery(self.config, self.data))
         self.round_attacks: list[AttackRecord] = []
         self._described = False
 
@@ -248,6 +249,9 @@ class Federation:
                 self.run.add_round(rec)
                 self.run.set_state(STATE_WEIGHTS, state_bytes(state))
                 self.run.set_state(STATE_ROUND, str(rnd).encode())
+                self.run.save_model(state)
+                if rnd in cfg.federation.save_rounds:
+                    self.run.save_model(state, rnd)
                 display.round_done(rec, total, len(strategy.failed), self.round_attacks)
             self.display = None
         self.job.attack_failures.extend(self.runner.failures)
@@ -273,19 +277,8 @@ class Federation:
     def evaluate(self, state: dict[str, torch.Tensor]) -> tuple[float, float]:
         """Accuracy and mean cross-entropy of the global model on the held-out test set."""
         test = self.data.test_set()
-        if len(test) == 0:
-            return float("nan"), float("nan")
         self.model.load_state_dict(state)
-        self.model.eval()
-        correct, loss = 0, 0.0
-        with torch.no_grad():
-            for i in range(0, len(test), 128):
-                x = test.normalise(test.images[i:i + 128])
-                y = test.labels[i:i + 128]
-                out = self.model(x)
-                loss += float(F.cross_entropy(out, y, reduction="sum"))
-                correct += int((out.argmax(1) == y).sum())
-        return correct / len(test), loss / len(test)
+        return evaluate(self.model, test.normalise(test.images), test.labels)
 
     # -- the curious part -----------------------------------------------------------------
     def observe(self, rnd: int, global_arrays: ArrayRecord, replies: list[Message]) -> None:
@@ -314,7 +307,8 @@ class Federation:
             if not self._described and self.display is not None and self.runner.pending(rnd, pid):
                 self.display.print(f"threat model: {case.describe()}")
                 self._described = True
-            victims_cases.append(Victim(rnd, pid, case, truth_images, truth_labels))
+            victims_cases.append(Victim(rnd, pid, case, truth_images, truth_labels,
+                                        truth_index=client_sample(cfg, self.data, pid, rnd)))
         self.runner.submit_round(victims_cases)
 
     # -- display hooks --------------------------------------------------------------------

@@ -135,6 +135,10 @@ def run_tree(tree: dict, out: Path) -> RunDirectory:
     return RunDirectory.open(out)
 
 
+def acc_of_round(rounds: pd.DataFrame, rnd: int) -> float:
+    return float(rounds.loc[rounds["round"] == rnd, "test_accuracy"].iloc[0])
+
+
 def _ray_children() -> list[str]:
     """Processes with 'ray' in their command line whose parent is this process."""
     me, found = os.getpid(), []
@@ -164,7 +168,7 @@ def test_ray_federation_learns_and_matches_inprocess(tmp_path, lenet_init):
     the same weights result and the same attacks run as on the in-process grid; Ray is gone."""
     import ray
 
-    tree = easy_config(lenet_init, federation={"rounds": 8},
+    tree = easy_config(lenet_init, federation={"rounds": 8, "save_rounds": [4]},
                        attacks=[{"name": "invertg", "params": {"iterations": 4}}],
                        engine={"backend": "ray", "client_num_cpus": 1, "attack_parallelism": 2})
     ray_run = run_tree(tree, tmp_path / "ray")
@@ -194,6 +198,18 @@ def test_ray_federation_learns_and_matches_inprocess(tmp_path, lenet_init):
         assert (ray_run.path / rel).is_file()
     assert (ray_run.path / "report.html").is_file()
     assert (ray_run.path / ".flwr").is_dir()
+
+    # The saved global models are what `model.weights` loads: the last one scores the last
+    # round's accuracy; the round-4 one the fourth's; no other round is kept.
+    from fl_sim.federated_data import build_federated_data
+    from fl_sim.models import build_model
+    from fl_sim.training import evaluate
+
+    test = build_federated_data(parse_config(tree)).test_set()
+    assert sorted(p.name for p in (ray_run.path / "models").iterdir()) == ["round-004.pt"]
+    for weights, rnd in ((ray_run.path / "global_model.pt", 8), (ray_run.path / "models" / "round-004.pt", 4)):
+        acc, _ = evaluate(build_model("lenet", 4, weights), test.normalise(test.images), test.labels)
+        assert acc == pytest.approx(acc_of_round(r_ray, rnd), abs=1e-9)
 
 
 @pytest.mark.parametrize("algorithm", ["fedsgd", "fedavg"])
