@@ -40,7 +40,9 @@ REPORT_TEMPLATE = """<!doctype html>
  {% for row in table_rows %}<tr>{% for v in row %}<td>{{ v }}</td>{% endfor %}</tr>{% endfor %}
 </table>
 <p class="sub">Means over victims. SSIM is the standard Gaussian-window SSIM; LPIPS is v0.1 on AlexNet;
- id_similarity is the cosine similarity of face embeddings (critic model named in the config).</p>
+ id_similarity is the cosine similarity of face embeddings (critic model named in the config);
+ id_rank1 the share of reconstructions whose most similar identity among all of the data set's
+ (each known from its other photos) is the victim's.</p>
 {% else %}<p>No attack results yet.</p>{% endif %}
 
 {% if paired %}
