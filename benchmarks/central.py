@@ -115,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     from fl_sim.federated_data import build_federated_data
 
     args = build_parser().parse_args(argv)
+    if "=" in args.config and not Path(args.config).exists():  # `fl-sim bench central key=value`
+        args.overrides.insert(0, args.config)
+        args.config = DEFAULT_CONFIG
     if args.threads:
         torch.set_num_threads(args.threads)
     config = load_config(args.config, args.overrides)

@@ -39,3 +39,10 @@ def test_central_training_learns_orl(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "round 2 50.0%" in printed and "gap to central" in printed
     assert out.read_text().startswith("epoch,test_accuracy,test_loss,train_loss,seconds")
+
+
+def test_overrides_alone_apply_to_the_default_config_and_bad_keys_are_named():
+    from fl_sim.config import ConfigError
+
+    with pytest.raises(ConfigError, match="federation.bogus"):
+        main(["federation.bogus=1"])
