@@ -62,6 +62,7 @@ def local_update(config: ExperimentConfig, partition_id: int, server_round: int,
         model = _model(config.model.name, data.num_classes, threading.get_ident())  # built (first call) before seeding
         model.load_state_dict(global_state)
         torch.manual_seed(seed)
+        ctx.model, ctx.inputs = model, inputs
         if fed.algorithm == "fedsgd":
             grads, loss = fedsgd_gradient(model, inputs, labels, fed.bn_mode)
             grads = apply_on_update(defenses, grads, ctx)

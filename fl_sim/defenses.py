@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
+from torch import nn
 
 from fl_sim.config import DefenseConfig
 from fl_sim.registry import Registry, build_settings
@@ -32,6 +33,11 @@ class DefenseContext:
     seed: int
     local_lr: float
     generator: torch.Generator  # seeded per (seed, round, client): defenses are reproducible
+    # The client's model (at the weights its update was computed from: the global model in
+    # FedSGD, the trained local model in FedAvg) and the normalised inputs it trained on, for
+    # defenses that look at the representation (Soteria). None where there is no model.
+    model: nn.Module | None = None
+    inputs: torch.Tensor | None = None
 
 
 @dataclass
@@ -217,6 +223,120 @@ class GaussianUpdate(Defense):
                 f"{self.epsilon(expected):.3g} for {expected} (the expected participations)")
 
 
+@dataclass
+class NoiseConfig:
+    std: float = 0.01  # the standard deviation of the noise added to every entry of the update
+
+    def __post_init__(self) -> None:
+        if self.std <= 0:
+            raise ValueError(f"std must be > 0, got {self.std}")
+
+
+@register_defense("noise")
+class NoiseUpdate(Defense):
+    """Additive Gaussian noise N(0, std^2) on every entry of the update, without clipping
+    (the noise defense of Zhu et al.'s DLG paper, swept over std 1e-4 .. 1e-1). It makes no
+    formal privacy claim: the update's norm is unbounded; `gaussian` is the DP version."""
+
+    Config = NoiseConfig
+
+    def on_update(self, update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
+        std = self.config.std
+        return {k: v + std * torch.randn(v.shape, generator=ctx.generator).to(v.dtype) for k, v in update.items()}
+
+
+@dataclass
+class SoteriaConfig:
+    rate: float = 0.8  # the fraction of the representation's features whose FC-weight update is zeroed
+    probes: int = 0  # 0: the exact Jacobian; k > 0: estimate its row norms from k random JVPs (faster)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate < 1.0:
+            raise ValueError(f"rate must be in [0, 1), got {self.rate}")
+        if self.probes < 0:
+            raise ValueError(f"probes must be >= 0, got {self.probes}")
+
+
+@register_defense("soteria")
+class Soteria(Defense):
+    """Soteria (Sun et al., CVPR 2021): perturb the representation r that feeds the classifier
+    layer. Feature f's leakage score is ||dr_f/dx|| / |r_f| summed over the client's images (how
+    little the input must move to change it); the features with the lowest scores, a `rate`
+    share of them, are the ones that reveal the input most, and their columns of the
+    classifier layer's weight update are zeroed (the released code's masking of the FC
+    gradient). Every other parameter's update is sent unchanged.
+
+    Exact scores need one backward pass per feature and image (512 for ResNet18); with
+    `probes: k` the row norms come from k forward-mode Jacobian-vector products with Gaussian
+    probes (E[(J v)_f^2] = ||dr_f/dx||^2), which is what a federation of FedAvg clients can
+    afford. The scores are computed at `ctx.model` on `ctx.inputs`, BatchNorm on its running
+    statistics."""
+
+    Config = SoteriaConfig
+
+    def on_update(self, update: dict[str, torch.Tensor], ctx: DefenseContext) -> dict[str, torch.Tensor]:
+        if ctx.model is None or ctx.inputs is None:
+            raise ValueError("soteria needs the client's model and inputs (DefenseContext.model, .inputs)")
+        if self.config.rate == 0.0:
+            return update
+        from fl_sim.models import last_linear
+
+        fc = last_linear(ctx.model)
+        name = next(n for n, p in ctx.model.named_parameters() if p is fc.weight)
+        scores = self.scores(ctx.model, ctx.inputs, ctx.generator)
+        drop = round(self.config.rate * len(scores))
+        masked = torch.argsort(scores, stable=True)[:drop]  # the lowest scores leak the most
+        out = dict(update)
+        weight = update[name].clone()
+        weight[:, masked] = 0
+        out[name] = weight
+        return out
+
+    def scores(self, model: nn.Module, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """||dr_f/dx|| / |r_f| per feature f, summed over the images."""
+        from fl_sim.models import last_linear
+
+        fc = last_linear(model)
+        was_training = model.training
+        model.eval()
+        captured: list[torch.Tensor] = []
+        hook = fc.register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+        try:
+            if self.config.probes == 0:
+                norms, r = self._exact(model, inputs, captured)
+            else:
+                norms, r = self._estimated(model, inputs, captured, generator)
+        finally:
+            hook.remove()
+            model.train(was_training)
+        return (norms / r.abs().clamp_min(1e-12)).sum(0)
+
+    @staticmethod
+    def _exact(model, inputs, captured):
+        x = inputs.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            model(x)
+            r = captured[-1]
+            n, features = r.shape
+            norms = torch.empty(n, features)
+            for f in range(features):  # one backward per feature: row f of each image's Jacobian
+                (g,) = torch.autograd.grad(r[:, f].sum(), x, retain_graph=f < features - 1)
+                norms[:, f] = torch.linalg.vector_norm(g.flatten(1), dim=1)
+        return norms, r.detach()
+
+    def _estimated(self, model, inputs, captured, generator):
+        import torch.autograd.forward_ad as fwad
+
+        k, n = self.config.probes, len(inputs)
+        x = inputs.detach().repeat(k, *([1] * (inputs.dim() - 1)))
+        v = torch.randn(x.shape, generator=generator).to(x.dtype)
+        with torch.no_grad(), fwad.dual_level():
+            model(fwad.make_dual(x, v))
+            r, jv = fwad.unpack_dual(captured[-1])
+        norms = jv.view(k, n, -1).pow(2).mean(0).sqrt()
+        return norms, r.view(k, n, -1)[0]
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -256,4 +376,5 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 
 
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
-           "apply_on_data", "apply_on_update", "privacy_statement", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate"]
+           "apply_on_data", "apply_on_update", "privacy_statement", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
+           "NoiseUpdate", "Soteria"]

@@ -123,3 +123,60 @@ def test_gaussian_epsilon_falls_as_noise_grows_and_agrees_with_the_accountant():
     alphas = torch.linspace(1.5, 200, 4000)
     classic = float(torch.min(alphas / (2 * 2.0 ** 2) + torch.log(torch.tensor(1e5)) / (alphas - 1)))
     assert 0.8 * classic < one.epsilon(1) <= classic + 1e-6
+
+
+def test_noise_adds_the_configured_std_and_the_clients_seed_decides():
+    update = {"w": torch.zeros(200_000), "b": torch.ones(10)}
+    (defense,) = _defenses(("noise", {"std": 0.03}))
+    noisy = apply_on_update([defense], update, _ctx(3))
+    # the sample std of 200k draws is within 1 % of 0.03 (its own relative std is 0.16 %)
+    assert abs(float(noisy["w"].std()) - 0.03) < 3e-4 and abs(float(noisy["w"].mean())) < 3e-4
+    assert torch.equal(noisy["w"], apply_on_update([defense], update, _ctx(3))["w"])
+    assert not torch.equal(noisy["w"], apply_on_update([defense], update, _ctx(4))["w"])
+
+
+def _soteria_setup():
+    from fl_sim.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("lenet", 5).eval()
+    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    update = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) + 0.5
+              for i, (n, p) in enumerate(model.named_parameters())}
+    ctx = DefenseContext("fedsgd", 1, 0, 0, 0.1, torch.Generator().manual_seed(0), model, inputs)
+    return model, inputs, update, ctx
+
+
+def test_soteria_zeroes_the_fc_columns_of_the_most_revealing_features():
+    """The zeroed columns are exactly the `rate` share of features with the lowest
+    sum over images of ||dr_f/dx|| / |r_f|, computed here from the full Jacobian."""
+    model, inputs, update, ctx = _soteria_setup()
+    out = apply_on_update(_defenses(("soteria", {"rate": 0.75})), update, ctx)
+    features = model.fc.in_features
+    zeroed = (out["fc.weight"] == 0).all(0)
+    assert int(zeroed.sum()) == round(0.75 * features)
+    for name in update:  # nothing else changes
+        if name != "fc.weight":
+            assert torch.equal(out[name], update[name]), name
+    assert torch.equal(out["fc.weight"][:, ~zeroed], update["fc.weight"][:, ~zeroed])
+    rep = lambda x: torch.flatten(model.features(x), 1)  # noqa: E731 - LeNet's representation
+    score = torch.zeros(features)
+    for x in inputs:
+        jac = torch.autograd.functional.jacobian(rep, x[None])[0].flatten(1)  # (features, pixels)
+        score += jac.norm(dim=1) / rep(x[None])[0].abs()
+    expected = torch.zeros(features, dtype=torch.bool)
+    expected[torch.argsort(score)[: round(0.75 * features)]] = True
+    assert torch.equal(zeroed, expected)
+
+
+def test_soteria_probes_estimate_the_exact_mask():
+    """Forward-mode probes pick nearly the same features as the exact Jacobian (measured on
+    ResNet18 at 64 px: 97 % of the mask with 16 probes, 98 % with 64)."""
+    model, inputs, update, ctx = _soteria_setup()
+    exact = apply_on_update(_defenses(("soteria", {"rate": 0.5})), update, ctx)["fc.weight"] == 0
+    probed = apply_on_update(_defenses(("soteria", {"rate": 0.5, "probes": 64})), update, ctx)["fc.weight"] == 0
+    exact, probed = exact.all(0), probed.all(0)
+    assert int(probed.sum()) == int(exact.sum())
+    assert float((exact & probed).sum() / exact.sum()) > 0.85
+    with pytest.raises(ValueError, match="needs the client's model"):
+        apply_on_update(_defenses(("soteria", {})), update, _ctx())
