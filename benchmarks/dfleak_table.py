@@ -71,23 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve(args: argparse.Namespace):
     """The config this benchmark runs (attacks filtered, iterations set) and its victims."""
-    from fl_sim.config import ConfigError, load_config, parse_config
+    from fl_sim.config import ConfigError, load_config
+    from server.leakage import select_attacks
 
-    config = load_config(args.config, args.overrides)
-    tree = config.model_dump(mode="json")
-    attacks = tree["attacks"]
-    if args.attacks:
-        wanted = args.attacks.split(",")
-        attacks = [a for a in attacks if (a["label"] or a["name"]) in wanted]
-        if not attacks:
-            raise ConfigError(f"--attacks {args.attacks!r} matches none of {[a.key for a in config.attacks]}")
-    if args.iterations:
-        for a in attacks:
-            a["params"]["iterations"] = args.iterations
-    tree["attacks"] = attacks
-    if tree["metrics"]["reference"] not in (None, *[a["label"] or a["name"] for a in attacks]):
-        tree["metrics"]["reference"] = None  # filtered out: the first attack is the reference
-    config = parse_config(tree)
+    config = select_attacks(load_config(args.config, args.overrides),
+                            args.attacks.split(",") if args.attacks else None, args.iterations)
     victims = config.threat.victims
     if victims.mode != "explicit":
         raise ConfigError("threat.victims.mode: this benchmark needs explicit victims (ids, and dev_ids to tune on)")
@@ -141,9 +129,8 @@ def open_run(args: argparse.Namespace, argv: list[str]):
 def attack_victims(args, config, victims: list[int], run) -> None:
     import torch
 
-    from fl_sim.federated_data import federated_data, public_set
-    from server.attack_runner import AttackRunner, RunnerEvents
-    from server.cases import identity_gallery, simulate_victims
+    from fl_sim.federated_data import federated_data
+    from server.leakage import measure_leakage, printing_events
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -151,39 +138,11 @@ def attack_victims(args, config, victims: list[int], run) -> None:
     if args.shard:
         i, n = (int(v) for v in args.shard.split("/"))
         mine = victims[i::n]
-    rnd = config.threat.rounds[0]
-    done = run.done_attacks()
-    todo = [pid for pid in mine if any((rnd, pid, a.key) not in done for a in config.attacks)]
-    if not todo:
-        return
     data = federated_data(config)
-    cases = simulate_victims(config, todo, rnd)
-    print(f"{len(todo)} victims x {len(config.attacks)} attacks; {cases[0].case.describe()}", flush=True)
-    last = [0.0]
-
-    def on_start(task, total):
-        print(f"client {task.client} (identity {identity(config, data, task.client, rnd)}): {task.attack.key}",
-              flush=True)
-
-    def on_iteration(task, it, total, loss):
-        now = time.perf_counter()
-        if now - last[0] > 30 or it == total:
-            last[0] = now
-            print(f"    {it}/{total} loss {loss:.4f}", flush=True)
-
-    def on_done(task, rec):
-        print(f"  {rec.attack}: psnr {rec.psnr:.2f} ssim {rec.ssim:.3f} lpips {rec.lpips:.3f} "
-              f"id {rec.id_similarity:.3f} rank-1 {rec.id_rank1:.2f} labels {rec.label_accuracy:.2f}  "
-              f"{rec.seconds:.0f} s", flush=True)
-
-    runner = AttackRunner(run, config.attacks, config.metrics, config.device, 1,
-                          public=public_set(config, data).images, events=RunnerEvents(on_start, on_iteration, on_done),
-                          together=False, record_variants=True, gallery=identity_gallery(config, data))
-    for v in cases:
-        runner.submit(v.case, v.truth_images, v.truth_labels, v.round, v.client, v.truth_index)
-    if runner.failures:
-        for rnd_, client, key, error in runner.failures:
-            print(f"failed: client {client} {key}: {error}", flush=True)
+    rnd = config.threat.rounds[0]
+    who = lambda client: f"client {client} (identity {identity(config, data, client, rnd)})"  # noqa: E731
+    for rnd_, client, key, error in measure_leakage(config, mine, run, printing_events(who)):
+        print(f"failed: client {client} {key}: {error}", flush=True)
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,0 +1,84 @@
+"""Leakage of explicit victims: their round's cases from the product's one pipeline, every
+configured attack on each, every finished (victim, attack) in the run's results store.
+
+`fl-sim bench dfleak` and `fl-sim sweep` measure leakage through this module, so a resumed or
+sharded run never redoes a (victim, attack) and both report the same way.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from fl_sim.config import ConfigError, ExperimentConfig, parse_config
+from fl_sim.results import AttackRecord, RunDirectory
+from server.attack_runner import AttackRunner, RunnerEvents
+
+
+def select_attacks(config: ExperimentConfig, labels: Sequence[str] | None = None,
+                   iterations: int | None = None) -> ExperimentConfig:
+    """The config with only the attacks labelled `labels` (in the config's order), each run
+    for `iterations` when given. The paired-comparison reference falls back to the first
+    attack when it was filtered out."""
+    tree = config.model_dump(mode="json")
+    attacks = tree["attacks"]
+    if labels:
+        attacks = [a for a in attacks if (a["label"] or a["name"]) in labels]
+        if not attacks:
+            raise ConfigError(f"attacks {','.join(labels)!r}: none of {[a.key for a in config.attacks]}")
+    if iterations:
+        for a in attacks:
+            a["params"]["iterations"] = iterations
+    tree["attacks"] = attacks
+    if tree["metrics"]["reference"] not in (None, *[a["label"] or a["name"] for a in attacks]):
+        tree["metrics"]["reference"] = None
+    return parse_config(tree)
+
+
+def printing_events(who: Callable[[int], str] = "client {}".format, every: float = 30.0,
+                    indent: str = "") -> RunnerEvents:
+    """Progress on stdout: each attack as it starts (the victim named by `who`), its loss at
+    most every `every` seconds, its metrics when done."""
+    last = [0.0]
+
+    def on_start(task, total):
+        print(f"{indent}{who(task.client)}: {task.attack.key}", flush=True)
+
+    def on_iteration(task, it, total, loss):
+        now = time.perf_counter()
+        if now - last[0] > every or it == total:
+            last[0] = now
+            print(f"{indent}    {it}/{total} loss {loss:.4f}", flush=True)
+
+    def on_done(task, rec: AttackRecord):
+        print(f"{indent}  {rec.attack}: psnr {rec.psnr:.2f} ssim {rec.ssim:.3f} lpips {rec.lpips:.3f} "
+              f"id {rec.id_similarity:.3f} rank-1 {rec.id_rank1:.2f} labels {rec.label_accuracy:.2f}  "
+              f"{rec.seconds:.0f} s", flush=True)
+
+    return RunnerEvents(on_start, on_iteration, on_done)
+
+
+def measure_leakage(config: ExperimentConfig, victims: Sequence[int], run: RunDirectory,
+                    events: RunnerEvents | None = None) -> list[tuple[int, int, str, str]]:
+    """Attack each victim's update of `config.threat.rounds[0]` with every configured attack,
+    skipping what the run already holds; each attack runs alone on each victim (seconds per
+    victim are comparable). Returns the failures (round, client, attack, error)."""
+    from fl_sim.federated_data import federated_data, public_set
+    from server.cases import identity_gallery, simulate_victims
+
+    rnd = config.threat.rounds[0]
+    done = run.done_attacks()
+    todo = [pid for pid in victims if any((rnd, pid, a.key) not in done for a in config.attacks)]
+    if not todo:
+        return []
+    data = federated_data(config)
+    cases = simulate_victims(config, todo, rnd)
+    print(f"{len(todo)} victims x {len(config.attacks)} attacks; {cases[0].case.describe()}", flush=True)
+    runner = AttackRunner(run, config.attacks, config.metrics, config.device, 1,
+                          public=public_set(config, data).images, events=events or printing_events(),
+                          together=False, record_variants=True, gallery=identity_gallery(config, data))
+    for v in cases:
+        runner.submit(v.case, v.truth_images, v.truth_labels, v.round, v.client, v.truth_index)
+    return list(runner.failures)
+
+
+__all__ = ["select_attacks", "printing_events", "measure_leakage"]
