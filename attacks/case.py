@@ -38,6 +38,9 @@ class AttackCase:
     # How the client's BatchNorm ran: "train" (batch statistics, the default and what a
     # client training normally does) or "eval" (running statistics, a frozen-BN client).
     bn_mode: BNMode = "train"
+    # The defenses the clients apply, as configured ({name, params}, in order): public
+    # knowledge under the threat model, for adaptive attacks. Empty: none.
+    defenses: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(s) for s in self.image_shape)  # type: ignore[assignment]
@@ -70,6 +73,7 @@ class AttackCase:
         d["update"] = {k: v.detach().cpu() for k, v in self.update.items()}
         d["labels"] = None if self.labels is None else self.labels.detach().cpu()
         d["meta"] = dict(self.meta)
+        d["defenses"] = [dict(x) for x in self.defenses]
         d["format"] = _FORMAT
         return d
 

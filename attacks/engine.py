@@ -433,6 +433,10 @@ class InversionConfig:
     # iteration count beside the exact fp32 path.
     precision: Literal["fp32", "bf16", "auto"] = "auto"
     num_threads: int = 0  # 0: leave torch's setting alone
+    # Adaptive: model the clients' defenses (case.defenses) on every trial gradient, with the
+    # defenses' own transforms (fl_sim.defenses: differentiable, straight-through where not),
+    # their unknown parameters estimated from the observed update. False: the naive attack.
+    adaptive: bool = False
 
     def __post_init__(self) -> None:
         choices = {"objective": ("l2", "cosine", "cosine-layer"), "schedule": ("none", "step", "cosine"),
@@ -577,7 +581,13 @@ class GradientInversion(Attack):
             if float(loss.detach()) >= ctx.state["exact_below"]:
                 return loss
             ctx.state["factored"] = None  # from now on the exact formulation
-        return ctx.matcher(ctx.victim.simulate(x, ctx.labels))
+        gs = ctx.victim.simulate(x, ctx.labels)
+        defended = ctx.state.get("defense_model")
+        if defended is not None:
+            names = ctx.victim.names
+            trial = defended(dict(zip(names, gs)))
+            gs = [trial[n] for n in names]
+        return ctx.matcher(gs)
 
     # -- setup -------------------------------------------------------------------------------
     def prepare(self, case: AttackCase, device: str | torch.device = "cpu", victim: VictimModel | None = None,
@@ -595,6 +605,14 @@ class GradientInversion(Attack):
         ctx = InversionContext(case=case, victim=victim, matcher=matcher, labels=labels.to(device),
                                labels_recovered=recovered, config=cfg, device=device,
                                total_iterations=cfg.iterations * cfg.restarts)
+        if cfg.adaptive and case.defenses:
+            from fl_sim.config import DefenseConfig
+            from fl_sim.defenses import adaptive_model, build_defenses
+
+            defenses = build_defenses([DefenseConfig(**d) for d in case.defenses])
+            ctx.state["defense_model"] = adaptive_model(defenses, dict(zip(victim.names, targets)))
+        if ctx.state.get("defense_model") is not None:
+            return ctx  # the factored path matches undefended gradients: not for an adaptive attack
         if fast and cfg.fast and case.update_kind == "gradient" and cfg.bn_stats == 0 and supports(victim.model) is None:
             from attacks.factored import FactoredMatcher
 

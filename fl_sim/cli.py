@@ -70,6 +70,27 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from server.sweep import load_sweep, open_sweep, run_sweep
+
+    if args.resume:
+        if args.sweep:
+            raise UsageError("--resume takes the sweep directory only; its sweep.yaml is reused")
+        out = Path(args.resume)
+        sweep = open_sweep(out, None)
+    else:
+        if not args.sweep:
+            raise UsageError("give a sweep file (for example configs/sweeps/defenses.yaml) or --resume DIR")
+        sweep = load_sweep(args.sweep)
+        out = Path(args.out or f"runs/sweep-{sweep.name}-{datetime.now():%Y%m%d-%H%M%S}")
+        sweep = open_sweep(out, sweep)
+    console.print(f"sweep directory: [bold]{out}[/]")
+    run_sweep(sweep, out, console, ray_address=args.ray)
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     from fl_sim.config import load_config
 
@@ -274,6 +295,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run")
     run.add_argument("--device", help="cpu or cuda (overrides the config)")
     run.set_defaults(fn=cmd_run)
+
+    sweep = sub.add_parser("sweep", help="defense x strength x attack: leakage, accuracy, the privacy-utility chart")
+    sweep.add_argument("sweep", nargs="?", help="a sweep file, e.g. configs/sweeps/defenses.yaml")
+    sweep.add_argument("--out", help="sweep directory (default runs/sweep-<name>-<timestamp>); an existing "
+                                     "one with the same sweep continues")
+    sweep.add_argument("--resume", metavar="DIR", help="continue a stopped sweep")
+    sweep.add_argument("--ray", metavar="ADDRESS", help="run the points as tasks on a Ray cluster "
+                                                        "(\"auto\" or host:port; DIR on shared storage)")
+    sweep.set_defaults(fn=cmd_sweep)
 
     cfg = sub.add_parser("config", help="print a config with every default filled in")
     cfg.add_argument("config")

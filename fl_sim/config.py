@@ -241,13 +241,14 @@ def parse_config(tree: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(describe_error(exc)) from None
 
 
-def describe_error(exc: ValidationError) -> str:
-    """The first error as one line: `key: what is wrong; allowed: ...`."""
+def describe_error(exc: ValidationError, model: type[BaseModel] | None = None) -> str:
+    """The first error as one line: `key: what is wrong; allowed: ...` (keys of `model`,
+    the experiment config by default)."""
     err = exc.errors()[0]
     loc = [str(p) for p in err["loc"]]
     key = ".".join(loc) or "config"
     if err["type"] == "extra_forbidden":
-        allowed = _allowed_keys(ExperimentConfig, loc[:-1])
+        allowed = _allowed_keys(model or ExperimentConfig, loc[:-1])
         return f"unknown key {key!r}; allowed keys here: {', '.join(allowed)}"
     if err["type"] == "literal_error":
         return f"{key}: {err['input']!r} is not allowed; allowed: {err['ctx']['expected']}"

@@ -12,9 +12,9 @@ to model exactly what clients do. Each defense has a typed `Config`; a config's
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, TypeAlias
 
 import torch
 from torch import nn
@@ -61,6 +61,13 @@ class Defense:
         """The update by parameter name; returns the update the client sends."""
         return update
 
+    def adaptive(self, observed: dict[str, torch.Tensor]) -> UpdateModel | None:
+        """The attacker's model of this defense, for an adaptive attack: a differentiable
+        function of a trial update (straight-through where the defense is not) doing what the
+        defense did, its unknown parameters estimated from the `observed` (defended) update.
+        None when there is nothing to model (random noise cannot be undone)."""
+        return None
+
     def privacy(self, rounds: int, expected: int) -> str | None:
         """What the defense guarantees a client over `rounds` (and at `expected` participations),
         for the report; None when it makes no formal privacy claim."""
@@ -69,6 +76,8 @@ class Defense:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 
+
+UpdateModel: TypeAlias = Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]
 
 DEFENSES: Registry[type[Defense]] = Registry("defense")
 register_defense = DEFENSES.register
@@ -98,6 +107,38 @@ class ClipUpdate(Defense):
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(v.float()) for v in update.values()]))
         scale = min(1.0, self.config.max_norm / max(float(norm), 1e-12))
         return {k: v * scale for k, v in update.items()}
+
+    def adaptive(self, observed: dict[str, torch.Tensor]) -> UpdateModel | None:
+        return _clip_to(self.config.max_norm, observed)
+
+
+def _norm(update: dict[str, torch.Tensor]) -> torch.Tensor:
+    return torch.sqrt(sum(v.float().pow(2).sum() for v in update.values()))
+
+
+def _clip_to(bound: float, observed: dict[str, torch.Tensor]) -> UpdateModel | None:
+    """The clipping the observed update went through, on a trial update. An observed norm at
+    the bound means the client's update was longer and was scaled onto it: the trial is
+    scaled to exactly the bound (differentiably), so only its direction is matched. An
+    observed norm below the bound means clipping did nothing: None."""
+    if float(_norm(observed)) < bound * (1 - 1e-4):
+        return None
+
+    def model(trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scale = bound / _norm(trial).clamp_min(1e-12)
+        return {k: v * scale for k, v in trial.items()}
+
+    return model
+
+
+def _zero_pattern(observed: dict[str, torch.Tensor], names: Sequence[str] | None = None) -> UpdateModel:
+    """Zero the trial wherever the observed update is exactly zero (in `names`, or all)."""
+    masks = {k: (v != 0).to(v.dtype) for k, v in observed.items() if names is None or k in names}
+
+    def model(trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v * masks[k].to(v.device, v.dtype) if k in masks else v for k, v in trial.items()}
+
+    return model
 
 
 def _flat(update: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -139,6 +180,10 @@ class PruneUpdate(Defense):
         pruned[keep] = flat[keep]
         return _unflat(pruned, update)
 
+    def adaptive(self, observed: dict[str, torch.Tensor]) -> UpdateModel:
+        # the kept positions are the observed non-zeros: match the trial only there
+        return _zero_pattern(observed)
+
 
 @dataclass
 class QuantizeConfig:
@@ -178,6 +223,30 @@ class QuantizeUpdate(Defense):
             out[k] = (lo + index.clamp(0, levels) * step).to(v.dtype)
         return out
 
+    def adaptive(self, observed: dict[str, torch.Tensor]) -> UpdateModel:
+        """Each tensor's grid from the observed values (its min and max are the grid's ends).
+        Stochastic rounding is unbiased, so its model is clamping to the grid's range;
+        rounding to the nearest level is modelled straight-through (the forward pass rounds,
+        the backward pass sees the identity)."""
+        levels = 2 ** self.config.bits - 1
+        grids = {k: (float(v.min()), float(v.max())) for k, v in observed.items()}
+        stochastic = self.config.stochastic
+
+        def model(trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            out = {}
+            for k, v in trial.items():
+                lo, hi = grids[k]
+                clamped = v.clamp(lo, hi)
+                if stochastic or hi == lo:
+                    out[k] = clamped
+                    continue
+                step = (hi - lo) / levels
+                rounded = lo + torch.round((clamped - lo) / step) * step
+                out[k] = clamped + (rounded - clamped).detach()
+            return out
+
+        return model
+
 
 @dataclass
 class GaussianConfig:
@@ -204,6 +273,17 @@ class GaussianUpdate(Defense):
         clipped = ClipUpdate(ClipConfig(self.config.max_norm)).on_update(update, ctx)
         std = self.config.noise_multiplier * self.config.max_norm
         return {k: v + std * torch.randn(v.shape, generator=ctx.generator).to(v.dtype) for k, v in clipped.items()}
+
+    def adaptive(self, observed: dict[str, torch.Tensor]) -> UpdateModel | None:
+        # the noise cannot be modelled, and it hides whether clipping acted: assume it did
+        # (a long update is the common case); the trial is scaled onto the public bound
+        bound = self.config.max_norm
+
+        def model(trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            scale = bound / _norm(trial).clamp_min(1e-12)
+            return {k: v * scale for k, v in trial.items()}
+
+        return model
 
     def epsilon(self, participations: int) -> float:
         """The client's epsilon (at the configured delta) after sending `participations`
@@ -292,6 +372,12 @@ class Soteria(Defense):
         out[name] = weight
         return out
 
+    def adaptive(self, observed: dict[str, torch.Tensor]) -> UpdateModel:
+        # the masked features are the classifier weight's all-zero columns; zero them in the
+        # trial too (the observed zeros of that one tensor)
+        weights = [k for k, v in observed.items() if v.dim() == 2]
+        return _zero_pattern(observed, weights[-1:])
+
     def scores(self, model: nn.Module, inputs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """||dr_f/dx|| / |r_f| per feature f, summed over the images."""
         from fl_sim.models import last_linear
@@ -368,6 +454,21 @@ def apply_on_data(defenses: Sequence[Defense], images: torch.Tensor, labels: tor
     return images, labels
 
 
+def adaptive_model(defenses: Sequence[Defense], observed: dict[str, torch.Tensor]) -> UpdateModel | None:
+    """The attacker's model of the clients' defenses, in their order (those it can model);
+    None when none can be modelled."""
+    models = [m for d in defenses if (m := d.adaptive(observed)) is not None]
+    if not models:
+        return None
+
+    def model(trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        for m in models:
+            trial = m(trial)
+        return trial
+
+    return model
+
+
 def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor],
                     ctx: DefenseContext) -> dict[str, torch.Tensor]:
     for d in defenses:
@@ -376,5 +477,5 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 
 
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
-           "apply_on_data", "apply_on_update", "privacy_statement", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
+           "apply_on_data", "apply_on_update", "adaptive_model", "UpdateModel", "privacy_statement", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
            "NoiseUpdate", "Soteria"]

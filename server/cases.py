@@ -59,7 +59,7 @@ def make_case(config: ExperimentConfig, data: FederatedData, server_round: int, 
         mean=ds.mean, std=ds.std, labels=labels, grey=ds.grey,
         meta={"round": server_round, "client": reply.partition_id, "dataset": ds.name,
               "defenses": ",".join(d.name for d in config.defenses)},
-        bn_mode=fed.bn_mode,
+        bn_mode=fed.bn_mode, defenses=[d.model_dump(mode="json") for d in config.defenses],
     )
 
 
