@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from clients.messages import TrainReply
-from fl_sim.defenses import DefenseContext, apply_on_data, apply_on_update, build_defenses
+from fl_sim.defenses import Defense, DefenseContext, apply_on_data, apply_on_update, build_defenses
 from fl_sim.config import ExperimentConfig
 from fl_sim.federated_data import client_sample, client_seed, federated_data, fedavg_steps, stack
 from fl_sim.models import build_model
@@ -50,9 +50,12 @@ def local_update(config: ExperimentConfig, partition_id: int, server_round: int,
     defenses = build_defenses(config.defenses)
     seed = client_seed(config, partition_id, server_round)
     ctx = DefenseContext(fed.algorithm, server_round, partition_id, config.seed, fed.local_lr,
-                         torch.Generator().manual_seed(seed))
+                         torch.Generator().manual_seed(seed), num_classes=data.num_classes)
+    if any(type(d).on_data is not Defense.on_data for d in defenses):
+        ctx.pool_images, ctx.pool_labels = stack(data, data.partitions[partition_id])
     images, labels = apply_on_data(defenses, images, labels, ctx)
-    sent_labels = labels.tolist() if config.threat.labels_known else None
+    # soft labels (mixing defenses) are not sent: the threat model's labels are hard ones
+    sent_labels = labels.tolist() if config.threat.labels_known and labels.dim() == 1 else None
     inputs = data.dataset.normalise(images)
 
     # Dropout (MobileNetV2's classifier) draws from torch's global generator: seed it per

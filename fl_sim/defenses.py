@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +39,11 @@ class DefenseContext:
     # defenses that look at the representation (Soteria). None where there is no model.
     model: nn.Module | None = None
     inputs: torch.Tensor | None = None
+    # All the client's own images in [0, 1] and their labels (not only this round's sample),
+    # for defenses that mix (MixUp, InstaHide), and the number of classes for soft labels.
+    pool_images: torch.Tensor | None = None
+    pool_labels: torch.Tensor | None = None
+    num_classes: int = 0
 
 
 @dataclass
@@ -423,6 +429,64 @@ class Soteria(Defense):
         return norms, r.view(k, n, -1)[0]
 
 
+@dataclass
+class MixConfig:
+    k: int = 4  # images mixed into each training image, itself included
+    alpha: float = 1.0  # Dirichlet concentration of the k mixing weights (1: uniform on the simplex)
+    sign_flip: bool = False  # flip each pixel's sign (about grey 0.5) at random: InstaHide's mask
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.alpha <= 0:
+            raise ValueError(f"alpha must be > 0, got {self.alpha}")
+
+
+@register_defense("mixup")
+class MixUp(Defense):
+    """Train on mixtures (Zhang et al.'s MixUp, as a privacy defense): each image of the
+    client's sample becomes a convex combination of itself and k - 1 images drawn from the
+    client's own data, weights from Dirichlet(alpha), and its label the same combination of
+    one-hot labels (soft labels: the client no longer sends hard labels). The truth the
+    metrics compare against stays the client's real images: what leaks of them is measured."""
+
+    Config = MixConfig
+
+    def on_data(self, images: torch.Tensor, labels: torch.Tensor,
+                ctx: DefenseContext) -> tuple[torch.Tensor, torch.Tensor]:
+        if ctx.pool_images is None or ctx.pool_labels is None or ctx.num_classes < 1:
+            raise ValueError(f"{self.name} needs the client's own images (DefenseContext.pool_images, .pool_labels, "
+                             ".num_classes)")
+        k, n, g = self.config.k, len(images), ctx.generator
+        others = torch.randint(len(ctx.pool_images), (n, k - 1), generator=g)
+        members = torch.cat([images[:, None], ctx.pool_images[others]], dim=1)  # (n, k, C, H, W)
+        hard = labels if labels.dim() == 1 else labels.argmax(1)
+        member_labels = torch.cat([hard[:, None], ctx.pool_labels[others]], dim=1)  # (n, k)
+        # Dirichlet weights from the client's seeded generator (torch's Dirichlet takes none)
+        rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
+        weights = torch.from_numpy(rng.dirichlet([self.config.alpha] * k, size=n)).float()
+        mixed = (weights[:, :, None, None, None] * members).sum(1)
+        soft = torch.zeros(n, ctx.num_classes).scatter_add_(1, member_labels, weights)
+        if self.config.sign_flip:
+            signs = torch.randint(0, 2, mixed.shape, generator=g).to(mixed.dtype) * 2 - 1
+            mixed = 0.5 + signs * (mixed - 0.5)
+        return mixed.to(images.dtype), soft
+
+
+@dataclass
+class InstaHideConfig(MixConfig):
+    sign_flip: bool = True
+
+
+@register_defense("instahide")
+class InstaHide(MixUp):
+    """InstaHide (Huang et al., 2020), its inside-data variant: MixUp of k of the client's
+    own images followed by a random pixel-wise sign flip (about grey 0.5, i.e. of the pixel
+    in [-1, 1]), a new mask for every image and round."""
+
+    Config = InstaHideConfig
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -478,4 +542,4 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
            "apply_on_data", "apply_on_update", "adaptive_model", "UpdateModel", "privacy_statement", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
-           "NoiseUpdate", "Soteria"]
+           "NoiseUpdate", "Soteria", "MixUp", "InstaHide"]

@@ -250,3 +250,59 @@ def test_the_adaptive_attack_beats_the_naive_one(attack, defense, measured):
         gains.append(scores[1] - scores[0])
     assert sum(gains) / len(gains) > 1.5, (gains, measured)
     assert min(gains) > -0.5, (gains, measured)
+
+
+def _mixing_victim(defense: dict, seed: int = 0):
+    from fl_sim.config import parse_config
+    from server.cases import simulate_victims
+
+    tree = {
+        "name": "mixed", "seed": seed,
+        "data": {"name": "synthetic", "image_size": 32, "options": {"identities": 4, "per_identity": 8}},
+        "model": {"name": "lenet"},
+        "federation": {"num_clients": 4, "clients_per_round": 2, "rounds": 1, "algorithm": "fedsgd", "batch_size": 2},
+        "threat": {"victims": {"mode": "explicit", "ids": [1]}, "rounds": [1], "labels_known": True},
+        "defenses": [defense], "engine": {"backend": "inprocess"}, "metrics": {"lpips": False, "id_backend": None},
+    }
+    config = parse_config(tree)
+    return config, simulate_victims(config, [1])[0]
+
+
+@pytest.mark.parametrize("name", ["mixup", "instahide"])
+def test_mixing_defenses_train_on_mixtures_of_the_clients_own_images(name):
+    """The client's update is the gradient on k-image mixtures of its own data with soft
+    labels (rows summing to one), InstaHide's with pixel signs flipped; hard labels are no
+    longer sent; the same seed gives the same update."""
+    from fl_sim.federated_data import federated_data, stack
+    from fl_sim.models import build_model
+    from fl_sim.training import fedsgd_gradient
+    from server.cases import initial_global_state
+
+    config, victim = _mixing_victim({"name": name, "params": {"k": 3}})
+    data = federated_data(config)
+    pool, pool_labels = stack(data, data.partitions[1])
+    (defense,) = build_defenses(config.defenses)
+    ctx = DefenseContext("fedsgd", 1, 1, config.seed, 0.1, torch.Generator().manual_seed(0),
+                         pool_images=pool, pool_labels=pool_labels, num_classes=data.num_classes)
+    mixed, soft = defense.on_data(victim.truth_images, victim.truth_labels, ctx)
+    assert soft.shape == (2, data.num_classes) and torch.allclose(soft.sum(1), torch.ones(2))
+    assert int((soft > 0).sum(1).max()) <= 3  # at most k labels in a mixture
+    if name == "mixup":  # a convex combination stays within the pool's range, pixel by pixel
+        assert bool((mixed >= pool.min(0).values - 1e-6).all() and (mixed <= pool.max(0).values + 1e-6).all())
+    else:  # signs flipped about grey: some pixels land outside what any mixture could give
+        assert bool(((mixed < pool.min(0).values - 1e-3) | (mixed > pool.max(0).values + 1e-3)).any())
+    assert not torch.allclose(mixed, victim.truth_images)
+    assert victim.case.labels is None  # soft labels are not sent
+
+    # the update the server got is the gradient on the mixtures (the client's own seeded draw)
+    from fl_sim.federated_data import client_seed
+
+    ctx.generator = torch.Generator().manual_seed(client_seed(config, 1, 1))
+    mixed, soft = defense.on_data(victim.truth_images, victim.truth_labels, ctx)
+    model = build_model("lenet", data.num_classes)
+    model.load_state_dict(initial_global_state(config, data))
+    grads, _ = fedsgd_gradient(model, data.dataset.normalise(mixed), soft, config.federation.bn_mode)
+    for n, g in grads.items():
+        assert torch.allclose(victim.case.update[n], g, atol=1e-6), n
+    assert torch.equal(_mixing_victim({"name": name, "params": {"k": 3}})[1].case.update["fc.weight"],
+                       victim.case.update["fc.weight"])
