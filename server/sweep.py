@@ -435,7 +435,8 @@ def print_summary(summary: pd.DataFrame, console: Console, seconds: float) -> No
                       f"{r.id_rank1:.0%}", f"{r.lpips:.3f}",
                       "-" if math.isnan(r.accuracy) else f"{r.accuracy:.1%}",
                       "-" if math.isnan(r.epsilon) else f"{r.epsilon:.3g}")
-    console.print(table, width=max(console.width, 150))  # wide enough for the intervals
+    # piped output gets rich's 80 columns, too narrow for the intervals
+    (console if console.is_terminal else Console(width=170, quiet=console.quiet)).print(table)
 
 
 __all__ = ["SweepConfig", "SweepPoint", "parse_sweep", "load_sweep", "points", "open_sweep", "run_sweep",
