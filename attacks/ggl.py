@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -43,7 +44,10 @@ class GGLConfig:
     latent_bound: Literal["kl", "tanh", "none"] = "kl"
     kl_weight: float = 0.1
     tanh_scale: float = 2.0  # latent_bound = tanh: z = tanh_scale * tanh(u)
-    adaptive: Literal["none", "auto", "clip", "prune", "clip+prune"] = "none"
+    # none: naive; known (or true): the clients' configured defenses (case.defenses), each
+    # modelled by its own transform (fl_sim.defenses); auto / clip / prune / clip+prune: a
+    # defense the attacker only suspects, its parameters estimated from the observed update
+    adaptive: Literal["none", "known", "auto", "clip", "prune", "clip+prune"] | bool = "none"
     chunk: int = 25  # candidates evaluated together (at most 10 through vmap); 0 = one by one
     fast: bool = True  # FedSGD without a suspected defense: factored distances (attacks.factored)
     label_rule: Literal["auto", "sign", "negative-bias", "count"] = "auto"
@@ -52,8 +56,10 @@ class GGLConfig:
     num_threads: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.adaptive, bool):  # as every gradient attack takes it: told the defenses
+            self.adaptive = "known" if self.adaptive else "none"
         choices = {"objective": ("l2", "cosine"), "latent_bound": ("kl", "tanh", "none"),
-                   "adaptive": ("none", "auto", "clip", "prune", "clip+prune"),
+                   "adaptive": ("none", "known", "auto", "clip", "prune", "clip+prune"),
                    "label_rule": ("auto", "sign", "negative-bias", "count")}
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
@@ -78,11 +84,24 @@ class SuspectedDefense:
 
     clip_norm: float | None = None  # clip the whole update to this L2 norm
     prune_fraction: list[float] | None = None  # per tensor: share of entries zeroed
+    known: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None  # the defenses' own model
+    names: list[str] | None = None  # the update's tensor names, for `known`
+
+    @property
+    def active(self) -> bool:
+        return self.clip_norm is not None or self.prune_fraction is not None or self.known is not None
 
     @classmethod
-    def estimate(cls, targets: list[torch.Tensor], mode: str) -> "SuspectedDefense":
+    def estimate(cls, targets: list[torch.Tensor], mode: str, case: AttackCase | None = None,
+                 names: list[str] | None = None) -> "SuspectedDefense":
         if mode == "none":
             return cls()
+        if mode == "known":
+            from fl_sim.config import DefenseConfig
+            from fl_sim.defenses import adaptive_model, build_defenses
+
+            defenses = build_defenses([DefenseConfig(**d) for d in (case.defenses if case else [])])
+            return cls(known=adaptive_model(defenses, dict(zip(names or [], targets))), names=names)
         norm = float(torch.sqrt(sum(t.pow(2).sum() for t in targets)))
         zeros = [float((t == 0).float().mean()) for t in targets]
         total_zero = sum(float((t == 0).sum()) for t in targets) / sum(t.numel() for t in targets)
@@ -92,6 +111,10 @@ class SuspectedDefense:
 
     def apply(self, gs: list[torch.Tensor]) -> list[torch.Tensor]:
         """gs: per tensor (P, ...) trial updates of P candidates."""
+        if self.known is not None:  # the defenses' models take one update: candidate by candidate
+            names = self.names or []
+            per = [self.known({n: g[p] for n, g in zip(names, gs)}) for p in range(gs[0].shape[0])]
+            return [torch.stack([c[n] for c in per]) for n in names]
         if self.prune_fraction is not None:
             out = []
             for g, frac in zip(gs, self.prune_fraction):
@@ -149,14 +172,14 @@ class GGL(Attack):
         labels = labels.to(device)
         targets = victim.targets()
         weights = torch.tensor(layer_weights(cfg.layer_weights, len(targets)), device=device)
-        defense = SuspectedDefense.estimate(targets, cfg.adaptive)
+        defense = SuspectedDefense.estimate(targets, cfg.adaptive, case, victim.names)
         gen = self._generator(device)
         latent_dim = int(getattr(gen, "latent_dim", 100))
         n = case.num_images
         params = victim.param_dict()
 
         fast = None
-        if cfg.fast and defense.clip_norm is None and defense.prune_fraction is None \
+        if cfg.fast and not defense.active \
                 and case.update_kind == "gradient" and supports(victim.model) is None:
             from attacks.factored import FactoredMatcher
 

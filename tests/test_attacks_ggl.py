@@ -134,3 +134,27 @@ def test_ggl_factored_distances_equal_materialised():
     runs = [build_attack("ggl", generator=gen, budget=2, population=10, fast=fast).run(case) for fast in (True, False)]
     assert runs[0].loss_history == pytest.approx(runs[1].loss_history, rel=1e-3)
     assert torch.allclose(runs[0].images, runs[1].images, atol=1e-4)
+
+
+def test_ggl_told_the_defenses_applies_their_own_models_to_each_candidate():
+    """adaptive: known (or true, as every gradient attack takes it) uses the clients'
+    configured defenses, modelled by fl_sim.defenses, candidate by candidate."""
+    from attacks.ggl import GGLConfig
+
+    assert GGLConfig(adaptive=True).adaptive == "known" and GGLConfig(adaptive=False).adaptive == "none"
+    g = torch.Generator().manual_seed(1)
+    observed = [torch.randn(40, 30, generator=g), torch.randn(300, generator=g)]
+    observed[0][:, :10] = 0  # what pruning left of it: zeros where the client dropped entries
+    observed[1][observed[1].abs() < 0.5] = 0
+    case = make_case("lenet", 10, torch.rand(1, 3, 32, 32), torch.tensor([1]))
+    case.defenses = [{"name": "prune", "params": {"rate": 0.5}}]
+    known = SuspectedDefense.estimate(observed, "known", case, ["a", "b"])
+    assert known.active
+    trial = [torch.randn(4, 40, 30, generator=g), torch.randn(4, 300, generator=g)]
+    out = known.apply(trial)
+    for o, t, obs in zip(out, trial, observed):
+        assert o.shape == t.shape
+        assert torch.equal(o == 0, (obs == 0).expand_as(o) | (t == 0))  # zero exactly where the client's was
+        assert torch.equal(o[:, obs != 0], t[:, obs != 0])
+    case.defenses = [{"name": "noise", "params": {"std": 0.1}}]  # nothing to model: the naive attack
+    assert not SuspectedDefense.estimate(observed, "known", case, ["a", "b"]).active
