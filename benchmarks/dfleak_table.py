@@ -196,7 +196,7 @@ def describe(config, split: str, victims: list[int], iterations) -> str:
             "SSIM: standard Gaussian-window SSIM (the paper's code reports complex-wavelet SSIM). "
             "Rows named `method [policy]` are the same runs returned by another `select` policy. "
             f"Rank-1: the critic ({config.metrics.id_backend}) names the victim first among all "
-            f"{int(federated_data(config).dataset.identities.max()) + 1} identities of the data set, each known "
+            f"{len({i for i in federated_data(config).dataset.identities.tolist() if i >= 0})} identities of the data set, each known "
             "from its other images (chance: one in that many).")
 
 

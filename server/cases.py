@@ -100,8 +100,8 @@ def simulate_victims(config: ExperimentConfig, partition_ids: Sequence[int], ser
             raise ValueError(f"victim {pid} holds no images (clients 0..{len(data.partitions) - 1})")
         reply = local_update(config, pid, server_round, global_state)
         case = make_case(config, data, server_round, reply, global_state, names)
-        victims.append(Victim(server_round, pid, case, *victim_truth(config, data, pid, server_round),
-                              truth_index=client_sample(config, data, pid, server_round)))
+        index = client_sample(config, data, pid, server_round)
+        victims.append(Victim(server_round, pid, case, *stack(data, index), truth_index=index))
     return victims
 
 
