@@ -286,9 +286,17 @@ def run_sweep(sweep: SweepConfig, out: Path, console: Console, ray_address: str 
     if ray_address:
         _run_on_ray(sweep, todo, out, ray_address, console)
     else:
+        spent: list[float] = []  # seconds of the points that ran here (finished ones take ~0)
         for i, point in enumerate(todo, 1):
-            console.rule(f"point {i}/{len(todo)}: {point.label}  ({time.perf_counter() - t0:.0f} s so far)")
+            left = ""
+            if spent:
+                per = sum(spent) / len(spent)
+                left = f", about {per * (len(todo) - i + 1) / 60:.0f} min left"
+            console.rule(f"point {i}/{len(todo)}: {point.label}  ({(time.perf_counter() - t0) / 60:.1f} min so far{left})")
+            start = time.perf_counter()
             run_point(sweep, point, out)
+            if time.perf_counter() - start > 5:
+                spent.append(time.perf_counter() - start)
             collect(sweep, out).to_csv(out / "sweep.csv", index=False)  # partial results are readable
     frame = collect(sweep, out)
     write_outputs(sweep, out, frame)
