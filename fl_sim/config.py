@@ -61,6 +61,16 @@ class ModelConfig(Section):
         return v
 
 
+class CentralDPConfig(Section):
+    """Central differential privacy by Flower's server-side fixed-clipping wrapper: every
+    client's weight update clipped to `clipping_norm` (L2, all arrays together), Gaussian
+    noise of std noise_multiplier x clipping_norm / clients_per_round on the average."""
+
+    noise_multiplier: float = Field(1.0, ge=0)
+    clipping_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1)  # the delta of the (epsilon, delta) reported
+
+
 class FederationConfig(Section):
     num_clients: int = Field(100, ge=1)
     clients_per_round: int = Field(10, ge=1)
@@ -80,6 +90,10 @@ class FederationConfig(Section):
     # How clients run BatchNorm while training: "train" (batch statistics, the usual) or
     # "eval" (frozen running statistics, e.g. for batch-1 clients). Attack cases record it.
     bn_mode: Literal["train", "eval"] = "train"
+    # Central DP of the released model (None: off). It protects the model against those
+    # who see it, not the clients against the server: the curious server reads each update
+    # before it is clipped, and the attacks see it so.
+    central_dp: CentralDPConfig | None = None
 
     @model_validator(mode="after")
     def _sample_fits(self) -> "FederationConfig":
@@ -87,6 +101,8 @@ class FederationConfig(Section):
             raise ValueError(
                 f"clients_per_round ({self.clients_per_round}) exceeds num_clients ({self.num_clients})"
             )
+        if self.central_dp is not None and self.algorithm != "fedavg":
+            raise ValueError("central_dp clips the clients' weight updates: it needs algorithm fedavg")
         return self
 
 

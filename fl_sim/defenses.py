@@ -511,6 +511,22 @@ def privacy_statement(defenses: Sequence[Defense], rounds: int, sampled_fraction
     return "; ".join(p for d in defenses if (p := d.privacy(rounds, expected))) or None
 
 
+def central_epsilon(config) -> float | None:
+    """The released model's epsilon (at federation.central_dp.delta) after all rounds of
+    central DP, by Opacus's RDP accountant with sampling rate clients_per_round / num_clients:
+    against those who see only the model, a client hides among each round's sample. None
+    without central DP or noise."""
+    dp = config.federation.central_dp
+    if dp is None or dp.noise_multiplier <= 0:
+        return None
+    from opacus.accountants import RDPAccountant
+
+    fed = config.federation
+    accountant = RDPAccountant()
+    accountant.history = [(dp.noise_multiplier, fed.clients_per_round / fed.num_clients, fed.rounds)]
+    return float(accountant.get_epsilon(dp.delta))
+
+
 def apply_on_data(defenses: Sequence[Defense], images: torch.Tensor, labels: torch.Tensor,
                   ctx: DefenseContext) -> tuple[torch.Tensor, torch.Tensor]:
     for d in defenses:
@@ -541,5 +557,5 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 
 
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
-           "apply_on_data", "apply_on_update", "adaptive_model", "UpdateModel", "privacy_statement", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
+           "apply_on_data", "apply_on_update", "adaptive_model", "UpdateModel", "privacy_statement", "central_epsilon", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
            "NoiseUpdate", "Soteria", "MixUp", "InstaHide"]

@@ -139,10 +139,20 @@ def _rows(frame: pd.DataFrame) -> list[list[str]]:
 
 
 def _privacy(config: ExperimentConfig) -> str | None:
-    from fl_sim.defenses import build_defenses, privacy_statement
+    from fl_sim.defenses import build_defenses, central_epsilon, privacy_statement
 
     fed = config.federation
-    return privacy_statement(build_defenses(config.defenses), fed.rounds, fed.clients_per_round / fed.num_clients)
+    local = privacy_statement(build_defenses(config.defenses), fed.rounds, fed.clients_per_round / fed.num_clients)
+    dp = fed.central_dp
+    central = None
+    if dp is not None:
+        eps = central_epsilon(config)
+        central = (f"central DP of the released model (Flower's server-side fixed clipping, z = "
+                   f"{dp.noise_multiplier:g}, C = {dp.clipping_norm:g}): "
+                   + (f"epsilon {eps:.3g} at delta {dp.delta:g} after {fed.rounds} rounds" if eps is not None
+                      else "no noise, no epsilon")
+                   + "; the server itself sees every update before clipping")
+    return "; ".join(x for x in (local, central) if x) or None
 
 
 def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None = None) -> Path:

@@ -31,7 +31,7 @@ REPORT_TEMPLATE = """<!doctype html>
  {{ config.federation.algorithm }} with {{ config.federation.num_clients }} clients
  ({{ config.federation.clients_per_round }} per round, batch {{ config.federation.batch_size }}),
  seed {{ config.seed }}{% if config.defenses %}, defenses: {{ config.defenses | map(attribute='name') | join(', ') }}{% endif %}.</p>
-{% if privacy %}<p class="sub">Local differential privacy: {{ privacy }}.</p>{% endif %}
+{% if privacy %}<p class="sub">Privacy: {{ privacy }}.</p>{% endif %}
 
 <h2>Leakage per attack</h2>
 {% if table_rows %}

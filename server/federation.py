@@ -31,7 +31,7 @@ from fl_sim.results import AttackRecord, RoundRecord, RunDirectory
 from fl_sim.training import evaluate
 from server.attack_runner import PUBLIC_SET_FIELDS, AttackRunner, AttackTask, RunnerEvents, Victim
 from server.cases import identity_gallery, initial_global_state, make_case, victim_truth
-from server.strategy import CuriousFedAvg
+from server.strategy import CuriousFedAvg, central_dp
 
 log = logging.getLogger("fl_sim.server")
 
@@ -210,6 +210,7 @@ class Federation:
             log.warning("%d of %d clients hold no images and are never sampled", empty, cfg.federation.num_clients)
         strategy = CuriousFedAvg(cfg, node_of, population, self.param_names, observer=self.observe)
         self.strategy = strategy
+        aggregator = central_dp(cfg, strategy)  # the strategy, or Flower's DP wrapper around it
         arrays = ArrayRecord(state)
         experiment_json = cfg.model_dump_json()
         if start > 1:
@@ -222,12 +223,16 @@ class Federation:
                 t0 = time.perf_counter()
                 display.round_started(rnd, total)
                 self.round_attacks = []
-                messages = strategy.configure_train(rnd, arrays, TrainInstruction(rnd, experiment_json).to_config_record(),
+                messages = aggregator.configure_train(rnd, arrays, TrainInstruction(rnd, experiment_json).to_config_record(),
                                                     grid)
                 replies = self.exchange(grid, messages)
                 if self.job.stop.is_set():
                     break
-                new_arrays, metrics = strategy.aggregate_train(rnd, replies)
+                valid = strategy.screen(rnd, replies)  # the attacks see the updates as they arrived
+                # Flower's DP wrapper draws its noise from numpy's global generator: seeded per
+                # round, so a run (and a resumed one) is reproducible
+                np.random.seed((cfg.seed * 1_000_003 + rnd) % 2**32)
+                new_arrays, metrics = aggregator.aggregate_train(rnd, valid)
                 self.runner.wait()
                 if new_arrays is None:
                     reasons = "; ".join(sorted({r.splitlines()[0] for _, r in strategy.failed}))[:500]

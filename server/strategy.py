@@ -34,9 +34,9 @@ class CuriousFedAvg(FedAvg):
 
     - `configure_train` samples partition ids with a generator seeded by (seed, round) and
       sends to the nodes mapped to them (Flower's node ids change every run).
-    - `aggregate_train` checks replies for errors (logged with their reason), sorts them by
-      partition id (the sum is then the same in every run), shows them to the observer,
-      then aggregates with FedAvg. FedSGD: the aggregate of the clients' gradients is
+    - `screen` checks replies for errors (logged with their reason), sorts them by partition
+      id and shows them to the observer; `aggregate_train` then aggregates with FedAvg (or a
+      Flower wrapper around this strategy does, e.g. central DP). FedSGD: the aggregate of the clients' gradients is
       applied as `w <- w - server_lr * sum_k (n_k / n) g_k`; BatchNorm buffers are averaged.
     """
 
@@ -65,18 +65,26 @@ class CuriousFedAvg(FedAvg):
         nodes = [self.node_of_partition[p] for p in self.sampled]
         return self._construct_messages(record, nodes, MessageType.TRAIN)
 
-    def aggregate_train(self, server_round: int,
-                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+    def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The round's usable replies, sorted by partition id (the sum is then the same in
+        every run); errors are logged. The observer sees them here, as they arrived: before
+        any wrapper (central DP's clipping) touches them."""
         replies = list(replies)
         self.failed = [(m.metadata.src_node_id, m.error.reason) for m in replies if m.has_error()]
         for node, reason in self.failed:
             log.warning("round %d: node %d replied with an error: %s", server_round, node, reason)
         valid = sorted((m for m in replies if not m.has_error()), key=reply_partition)
+        if valid and self.observer is not None:
+            assert self.global_arrays is not None
+            self.observer(server_round, self.global_arrays, valid)
+        return valid
+
+    def aggregate_train(self, server_round: int,
+                        replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """FedAvg of replies already `screen`ed, then the server step."""
+        valid = [m for m in replies if not m.has_error()]
         if not valid:
             return None, None
-        assert self.global_arrays is not None
-        if self.observer is not None:
-            self.observer(server_round, self.global_arrays, valid)
         arrays, metrics = super().aggregate_train(server_round, valid)
         if arrays is None:
             return None, metrics
@@ -100,4 +108,16 @@ class CuriousFedAvg(FedAvg):
             out[name] = Array(np.ascontiguousarray(new.astype(w.dtype, copy=False)))
         return ArrayRecord(out)
 
-__all__ = ["CuriousFedAvg", "train_metrics"]
+def central_dp(config: ExperimentConfig, strategy: CuriousFedAvg):
+    """The strategy wrapped in Flower's server-side fixed-clipping central DP when the config
+    asks for it, else the strategy itself."""
+    dp = config.federation.central_dp
+    if dp is None:
+        return strategy
+    from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
+
+    return DifferentialPrivacyServerSideFixedClipping(strategy, dp.noise_multiplier, dp.clipping_norm,
+                                                      config.federation.clients_per_round)
+
+
+__all__ = ["CuriousFedAvg", "train_metrics", "central_dp"]

@@ -15,6 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -390,3 +391,33 @@ def test_failing_attack_does_not_end_the_federation(tmp_path, lenet_init):
     assert len(run.rounds_frame()) == 2
     frame = run.metrics_frame()
     assert set(frame.attack) == {COUNT_ATTACK} and len(frame) == 2
+
+
+def test_central_dp_wraps_the_strategy_and_the_server_still_sees_raw_updates(tmp_path, lenet_init):
+    """Flower's server-side fixed-clipping wrapper: without noise and with a bound no update
+    reaches it, the run is the plain FedAvg run; with a small bound and noise the model
+    differs, the attacked cases still hold the raw (unclipped) updates, the report states the
+    epsilon, and central DP on FedSGD is refused."""
+    from attacks.case import AttackCase
+    from fl_sim.config import ConfigError
+
+    base = easy_config(lenet_init, federation={"rounds": 2},
+                       threat={"victims": {"mode": "sampled", "k": 2}, "rounds": [1], "save_cases": True})
+    plain = run_tree(base, tmp_path / "plain").rounds_frame()
+    transparent = run_tree(easy_config(lenet_init, federation={"rounds": 2, "central_dp": {
+        "noise_multiplier": 0.0, "clipping_norm": 1e6}}), tmp_path / "transparent").rounds_frame()
+    pd.testing.assert_frame_equal(plain[DETERMINISTIC_ROUND_COLUMNS], transparent[DETERMINISTIC_ROUND_COLUMNS])
+
+    tree = {**base, "federation": {**base["federation"], "central_dp": {"noise_multiplier": 1.0,
+                                                                         "clipping_norm": 0.01}}}
+    noisy = run_tree(tree, tmp_path / "noisy")
+    assert not np.allclose(noisy.rounds_frame()["test_loss"], plain["test_loss"])
+    for path in (noisy.path / "cases").glob("r1_c*.pt"):
+        if path.name.endswith("_truth.pt"):
+            continue
+        case = AttackCase.load(path)
+        norm = float(torch.sqrt(sum(v.pow(2).sum() for v in case.update.values())))
+        assert norm > 0.05, norm  # far above the bound: the update as it arrived, not clipped
+    assert "epsilon" in (noisy.path / "report.html").read_text()
+    with pytest.raises(ConfigError, match="central_dp.*fedavg"):
+        parse_config(easy_config(lenet_init, federation={"algorithm": "fedsgd", "central_dp": {}}))

@@ -125,5 +125,5 @@ def test_report_states_the_local_dp_epsilon_of_a_gaussian_defense(tmp_path):
     (gaussian,) = build_defenses([defense])
     assert f"epsilon {gaussian.epsilon(20):.3g} at delta 1e-05 for a client in all 20 rounds" in html
     assert f"{gaussian.epsilon(2):.3g} for 2 (the expected participations)" in html
-    assert "Local differential privacy" not in write_report(RunDirectory.create(tmp_path / "plain",
+    assert "Privacy:" not in write_report(RunDirectory.create(tmp_path / "plain",
                                                                                 ExperimentConfig(name="p"))).read_text()
