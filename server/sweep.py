@@ -241,8 +241,14 @@ def open_sweep(out: Path, sweep: SweepConfig | None) -> SweepConfig:
 
 
 def _run_dir(path: Path, config: ExperimentConfig) -> RunDirectory:
+    """A point's run directory; an existing one continues only if its config is still the
+    one the sweep builds (the configs a sweep file names can change between sessions)."""
     if (path / "config.yaml").exists():
-        return RunDirectory.open(path)
+        run = RunDirectory.open(path)
+        if run.config() != config:
+            raise ConfigError(f"{path} ran another config than the sweep now builds (was a config it names "
+                              "edited?); restore it, or start the sweep in another --out")
+        return run
     return RunDirectory.create(path, config)
 
 

@@ -34,6 +34,11 @@ def _configs(tmp_path):
     }
     (tmp_path / "leak.yaml").write_text(yaml.safe_dump(leakage))
     (tmp_path / "util.yaml").write_text(yaml.safe_dump(utility))
+    return _sweep_tree(tmp_path)
+
+
+def _sweep_tree(tmp_path):
+    """The sweep over the config files `_configs` writes."""
     return {
         "name": "small",
         "leakage": {"config": str(tmp_path / "leak.yaml"), "attacks": ["invertg"], "iterations": 100, "victims": 2,
@@ -88,6 +93,13 @@ def test_a_sweep_measures_every_point_and_a_resumed_sweep_redoes_nothing(tmp_pat
     mtimes = {p: p.stat().st_mtime for p in (out / "points").rglob("results.sqlite")}
     run_sweep(sweep, out, Console(quiet=True))
     assert {p: p.stat().st_mtime for p in (out / "points").rglob("results.sqlite")} == mtimes
+
+    # a config the sweep names, edited since: the finished points are not mixed with new ones
+    leak = yaml.safe_load((tmp_path / "leak.yaml").read_text())
+    leak["federation"]["bn_mode"] = "eval"
+    (tmp_path / "leak.yaml").write_text(yaml.safe_dump(leak))
+    with pytest.raises(ConfigError, match="ran another config than the sweep now builds"):
+        run_sweep(parse_sweep(_sweep_tree(tmp_path)), out, Console(quiet=True))
 
 
 def test_sweep_files_with_mistakes_are_refused_with_the_key(tmp_path):
