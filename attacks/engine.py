@@ -606,11 +606,9 @@ class GradientInversion(Attack):
                                labels_recovered=recovered, config=cfg, device=device,
                                total_iterations=cfg.iterations * cfg.restarts)
         if cfg.adaptive and case.defenses:
-            from fl_sim.config import DefenseConfig
-            from fl_sim.defenses import adaptive_model, build_defenses
+            from fl_sim.defenses import adaptive_model_of
 
-            defenses = build_defenses([DefenseConfig(**d) for d in case.defenses])
-            ctx.state["defense_model"] = adaptive_model(defenses, dict(zip(victim.names, targets)))
+            ctx.state["defense_model"] = adaptive_model_of(case.defenses, dict(zip(victim.names, targets)))
         if ctx.state.get("defense_model") is not None:
             return ctx  # the factored path matches undefended gradients: not for an adaptive attack
         if fast and cfg.fast and case.update_kind == "gradient" and cfg.bn_stats == 0 and supports(victim.model) is None:

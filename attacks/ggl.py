@@ -97,11 +97,10 @@ class SuspectedDefense:
         if mode == "none":
             return cls()
         if mode == "known":
-            from fl_sim.config import DefenseConfig
-            from fl_sim.defenses import adaptive_model, build_defenses
+            from fl_sim.defenses import adaptive_model_of
 
-            defenses = build_defenses([DefenseConfig(**d) for d in (case.defenses if case else [])])
-            return cls(known=adaptive_model(defenses, dict(zip(names or [], targets))), names=names)
+            known = adaptive_model_of(case.defenses if case else [], dict(zip(names or [], targets)))
+            return cls(known=known, names=names)
         norm = float(torch.sqrt(sum(t.pow(2).sum() for t in targets)))
         zeros = [float((t == 0).float().mean()) for t in targets]
         total_zero = sum(float((t == 0).sum()) for t in targets) / sum(t.numel() for t in targets)

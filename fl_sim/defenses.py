@@ -122,19 +122,25 @@ def _norm(update: dict[str, torch.Tensor]) -> torch.Tensor:
     return torch.sqrt(sum(v.float().pow(2).sum() for v in update.values()))
 
 
-def _clip_to(bound: float, observed: dict[str, torch.Tensor]) -> UpdateModel | None:
-    """The clipping the observed update went through, on a trial update. An observed norm at
-    the bound means the client's update was longer and was scaled onto it: the trial is
-    scaled to exactly the bound (differentiably), so only its direction is matched. An
-    observed norm below the bound means clipping did nothing: None."""
-    if float(_norm(observed)) < bound * (1 - 1e-4):
-        return None
+def _scale_onto(bound: float) -> UpdateModel:
+    """Scale a trial update to norm exactly `bound`, differentiably (only its direction is
+    then matched)."""
 
     def model(trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         scale = bound / _norm(trial).clamp_min(1e-12)
         return {k: v * scale for k, v in trial.items()}
 
     return model
+
+
+def _clip_to(bound: float, observed: dict[str, torch.Tensor]) -> UpdateModel | None:
+    """The clipping the observed update went through, on a trial update. An observed norm at
+    the bound means the client's update was longer and was scaled onto it: the trial is
+    scaled onto the bound too. An observed norm below the bound means clipping did nothing:
+    None."""
+    if float(_norm(observed)) < bound * (1 - 1e-4):
+        return None
+    return _scale_onto(bound)
 
 
 def _zero_pattern(observed: dict[str, torch.Tensor], names: Sequence[str] | None = None) -> UpdateModel:
@@ -283,13 +289,7 @@ class GaussianUpdate(Defense):
     def adaptive(self, observed: dict[str, torch.Tensor]) -> UpdateModel | None:
         # the noise cannot be modelled, and it hides whether clipping acted: assume it did
         # (a long update is the common case); the trial is scaled onto the public bound
-        bound = self.config.max_norm
-
-        def model(trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-            scale = bound / _norm(trial).clamp_min(1e-12)
-            return {k: v * scale for k, v in trial.items()}
-
-        return model
+        return _scale_onto(self.config.max_norm)
 
     def epsilon(self, participations: int) -> float:
         """The client's epsilon (at the configured delta) after sending `participations`
@@ -549,6 +549,12 @@ def adaptive_model(defenses: Sequence[Defense], observed: dict[str, torch.Tensor
     return model
 
 
+def adaptive_model_of(configs: Sequence[dict[str, Any]], observed: dict[str, torch.Tensor]) -> UpdateModel | None:
+    """`adaptive_model` of defenses given as configured ({name, params}, as an attack case
+    carries them)."""
+    return adaptive_model(build_defenses([DefenseConfig(**c) for c in configs]), observed)
+
+
 def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor],
                     ctx: DefenseContext) -> dict[str, torch.Tensor]:
     for d in defenses:
@@ -557,5 +563,5 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 
 
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
-           "apply_on_data", "apply_on_update", "adaptive_model", "UpdateModel", "privacy_statement", "central_epsilon", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
+           "apply_on_data", "apply_on_update", "adaptive_model", "adaptive_model_of", "UpdateModel", "privacy_statement", "central_epsilon", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
            "NoiseUpdate", "Soteria", "MixUp", "InstaHide"]
