@@ -5,6 +5,9 @@
 - `train`: the round's local update (`clients.training.local_update`), sent back as a
   `TrainReply`. The experiment config travels in the message (`TrainInstruction`); the client
   rebuilds its partition from it (deterministic, cached per process).
+- Under secure aggregation the same update goes through Flower's SecAgg+ client mod, which
+  masks it: the server's workflow talks to the mod (key set-up, masked vector, unmasking) and
+  the mod calls `train` once per round for the update it masks.
 
 The record layout is `clients/messages.py`'s; nothing here spells a record key.
 """
@@ -14,8 +17,10 @@ import functools
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
-from clients.messages import PartitionInfo, TrainInstruction
+from clients.messages import (PartitionInfo, SecureTrainInstruction, TrainInstruction, is_secure_train,
+                              secure_reply_content, secure_vector)
 from fl_sim.config import ExperimentConfig
 
 app = ClientApp()
@@ -35,9 +40,30 @@ def query(msg: Message, context: Context) -> Message:
     return Message(partition_info(context).to_content(), reply_to=msg)
 
 
-@app.train()
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's SecAgg+ client mod for the SecAgg+ workflow's messages; the plain protocol's
+    train messages pass straight through (the mod would refuse them)."""
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[secure_aggregation_mod])
 def train(msg: Message, context: Context) -> Message:
-    from clients.training import local_update
+    from clients.training import local_update, state_layout
+
+    if is_secure_train(msg):
+        secure = SecureTrainInstruction.from_message(msg)
+        config = experiment(secure.instruction.experiment_json)
+        names, gradients = state_layout(config)
+        global_state = secure.global_state(names)
+        reply = local_update(config, partition_info(context).partition_id, secure.instruction.server_round,
+                             global_state)
+        return Message(secure_reply_content(secure_vector(reply.arrays, global_state, gradients), reply),
+                       reply_to=msg)
 
     instruction = TrainInstruction.from_message(msg)
     config = experiment(instruction.experiment_json)

@@ -14,8 +14,10 @@ silent `KeyError` in another process.
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
@@ -59,7 +61,10 @@ class TrainInstruction:
 
     @classmethod
     def from_message(cls, msg: Message) -> "TrainInstruction":
-        record = msg.content[CONFIG]
+        return cls.from_config(msg.content[CONFIG])
+
+    @classmethod
+    def from_config(cls, record: Mapping) -> "TrainInstruction":
         return cls(int(record[SERVER_ROUND]), str(record[EXPERIMENT]))
 
     @staticmethod
@@ -98,9 +103,73 @@ class TrainReply:
                    local_steps=int(metrics[LOCAL_STEPS]), labels=labels)
 
 
+# -- secure aggregation ----------------------------------------------------------------------
+# Flower's SecAgg+ (its client mod and server workflow) speaks the legacy FitIns / FitRes
+# layout: the global state and the update travel as ordered lists of arrays without names, in
+# the global state's order (the client knows the names from its model).
+
+def is_secure_train(msg: Message) -> bool:
+    """A train message of the SecAgg+ workflow (legacy FitIns layout) rather than ours."""
+    return "fitins.parameters" in msg.content.array_records
+
+
+@dataclass(frozen=True)
+class SecureTrainInstruction:
+    instruction: TrainInstruction
+    global_arrays: list[np.ndarray]  # the global state's arrays, in its order
+
+    @classmethod
+    def from_message(cls, msg: Message) -> "SecureTrainInstruction":
+        from flwr.common import parameters_to_ndarrays
+        from flwr.compat.common import recorddict_compat as compat
+
+        fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
+        return cls(TrainInstruction.from_config(fitins.config), parameters_to_ndarrays(fitins.parameters))
+
+    def global_state(self, names: list[str]) -> dict[str, torch.Tensor]:
+        if len(names) != len(self.global_arrays):
+            raise ValueError(f"the server sent {len(self.global_arrays)} arrays, the model has {len(names)}")
+        return {n: torch.from_numpy(np.array(a)) for n, a in zip(names, self.global_arrays)}
+
+
+def secure_vector(arrays: Mapping[str, torch.Tensor], global_state: Mapping[str, torch.Tensor],
+                  gradients: Collection[str]) -> list[np.ndarray]:
+    """What a client feeds into SecAgg+, in the global state's order: the FedSGD gradients as
+    they are, every other array as its change from the global state (small numbers that fit
+    the protocol's clipping range, where whole weights and BatchNorm variances might not)."""
+    return [(arrays[n] if n in gradients else arrays[n].double() - g.double()).detach().cpu().double().numpy()
+            for n, g in global_state.items()]
+
+
+def from_secure_mean(mean: list[np.ndarray], global_state: Mapping[str, torch.Tensor],
+                     gradients: Collection[str]) -> dict[str, torch.Tensor]:
+    """The weighted mean of the clients' `secure_vector`s back as the weighted mean of their
+    replies (what FedAvg's aggregate of plain replies would be)."""
+    if len(mean) != len(global_state):
+        raise ValueError(f"the aggregate has {len(mean)} arrays, the global state {len(global_state)}")
+    return {n: torch.from_numpy(np.asarray(m, dtype=np.float64)).reshape(g.shape)
+            + (0 if n in gradients else g.double())
+            for (n, g), m in zip(global_state.items(), mean)}
+
+
+def secure_reply_content(vector: list[np.ndarray], reply: TrainReply) -> RecordDict:
+    """The reply the SecAgg+ mod masks: the vector and the weight, and in the clear only what
+    FedAvg's bookkeeping needs (examples, loss, partition id, local steps). Labels are never
+    sent: under secure aggregation they would give away what the masking hides."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters
+    from flwr.compat.common import recorddict_compat as compat
+
+    metrics = {NUM_EXAMPLES: reply.num_examples, TRAIN_LOSS: reply.train_loss,
+               PARTITION_ID: reply.partition_id, LOCAL_STEPS: reply.local_steps}
+    fitres = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(vector), reply.num_examples, metrics)
+    return compat.fitres_to_recorddict(fitres, keep_input=False)
+
+
 def reply_partition(msg: Message) -> int:
     """The partition id of a train reply, without decoding its arrays."""
     return int(msg.content[METRICS][PARTITION_ID])
 
 
-__all__ = ["PartitionInfo", "TrainInstruction", "TrainReply", "reply_partition", "METRICS", "NUM_EXAMPLES", "TRAIN_LOSS"]
+__all__ = ["PartitionInfo", "TrainInstruction", "TrainReply", "reply_partition", "METRICS", "NUM_EXAMPLES", "TRAIN_LOSS",
+           "LOCAL_STEPS", "PARTITION_ID", "is_secure_train", "SecureTrainInstruction", "secure_vector",
+           "from_secure_mean", "secure_reply_content"]

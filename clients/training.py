@@ -38,6 +38,20 @@ def _model(name: str, num_classes: int, thread: int) -> nn.Module:
     return build_model(name, num_classes)
 
 
+@functools.lru_cache(maxsize=4)
+def _layout(model_name: str, num_classes: int, algorithm: str) -> tuple[tuple[str, ...], frozenset[str]]:
+    model = build_model(model_name, num_classes)
+    params = frozenset(n for n, _ in model.named_parameters()) if algorithm == "fedsgd" else frozenset()
+    return tuple(model.state_dict()), params
+
+
+def state_layout(config: ExperimentConfig) -> tuple[list[str], frozenset[str]]:
+    """The global state's array names in order, and which of them a reply carries as
+    gradients (FedSGD's parameters); the rest are states."""
+    names, gradients = _layout(config.model.name, federated_data(config).num_classes, config.federation.algorithm)
+    return list(names), gradients
+
+
 def local_update(config: ExperimentConfig, partition_id: int, server_round: int,
                  global_state: dict[str, torch.Tensor]) -> TrainReply:
     """The client's whole step for one round, from its data to the reply it sends: the one
@@ -83,4 +97,4 @@ def local_update(config: ExperimentConfig, partition_id: int, server_round: int,
         return TrainReply(state, len(images), loss, partition_id, steps, sent_labels)
 
 
-__all__ = ["local_update", "single_thread"]
+__all__ = ["local_update", "single_thread", "state_layout"]

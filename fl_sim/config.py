@@ -71,6 +71,25 @@ class CentralDPConfig(Section):
     delta: float = Field(1e-5, gt=0, lt=1)  # the delta of the (epsilon, delta) reported
 
 
+class SecureAggregationConfig(Section):
+    """Flower's SecAgg+ (Bell et al. 2020): each client masks its quantised update, and the
+    server learns the weighted mean of the round's updates and nothing else. The settings are
+    the protocol's own (`flwr.server.workflow.SecAggPlusWorkflow`): `num_shares` (an integer
+    > 2, or a share of the sampled clients) and `reconstruction_threshold` (an integer, or a
+    share of `num_shares`) trade dropout tolerance against privacy; updates are clipped to
+    +-`clipping_range` and quantised to `quantization_range` levels (step
+    2 x clipping_range / quantization_range, relative to the weight max_weight / examples)."""
+
+    num_shares: int | float = 3
+    reconstruction_threshold: int | float = 2
+    clipping_range: float = Field(8.0, gt=0)
+    quantization_range: int = Field(2**22, gt=0)
+    modulus_range: int = Field(2**32, gt=0)
+    # The largest weight (examples) a client may report; None: the largest number of images a
+    # client trains on in a round, so the quantisation step is as fine as the protocol allows.
+    max_weight: float | None = Field(None, gt=0)
+
+
 class FederationConfig(Section):
     num_clients: int = Field(100, ge=1)
     clients_per_round: int = Field(10, ge=1)
@@ -94,6 +113,9 @@ class FederationConfig(Section):
     # who see it, not the clients against the server: the curious server reads each update
     # before it is clipped, and the attacks see it so.
     central_dp: CentralDPConfig | None = None
+    # Secure aggregation (None: off): the curious server sees only the round's aggregate,
+    # and the attacks target it (a batch of every sampled client's images).
+    secure_aggregation: SecureAggregationConfig | None = None
 
     @model_validator(mode="after")
     def _sample_fits(self) -> "FederationConfig":
@@ -103,6 +125,17 @@ class FederationConfig(Section):
             )
         if self.central_dp is not None and self.algorithm != "fedavg":
             raise ValueError("central_dp clips the clients' weight updates: it needs algorithm fedavg")
+        sa = self.secure_aggregation
+        if sa is not None:
+            if self.central_dp is not None:
+                raise ValueError("central_dp clips each client's update on the server, which secure_aggregation "
+                                 "hides from it; use the clients' `gaussian` defense (local DP) instead")
+            if self.clients_per_round < 2:
+                raise ValueError("secure_aggregation needs at least 2 clients per round: the aggregate of one "
+                                 "client is its update")
+            if isinstance(sa.num_shares, int) and sa.num_shares > self.clients_per_round:
+                raise ValueError(f"secure_aggregation.num_shares ({sa.num_shares}) exceeds clients_per_round "
+                                 f"({self.clients_per_round})")
         return self
 
 

@@ -152,7 +152,13 @@ def _privacy(config: ExperimentConfig) -> str | None:
                    + (f"epsilon {eps:.3g} at delta {dp.delta:g} after {fed.rounds} rounds" if eps is not None
                       else "no noise, no epsilon")
                    + "; the server itself sees every update before clipping")
-    return "; ".join(x for x in (local, central) if x) or None
+    sa = fed.secure_aggregation
+    secure = None
+    if sa is not None:
+        secure = (f"secure aggregation (Flower's SecAgg+, {sa.num_shares:g} shares, threshold "
+                  f"{sa.reconstruction_threshold:g}): the server sees only each round's aggregate of "
+                  f"{fed.clients_per_round} clients, and the attacks target it (a batch of all their images)")
+    return "; ".join(x for x in (local, central, secure) if x) or None
 
 
 def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None = None) -> Path:
@@ -166,7 +172,7 @@ def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None
     for (rnd, client), grp in metrics.groupby(["round", "client"], sort=True):
         victims.append({
             "round": rnd,
-            "client": client,
+            "who": "the aggregate" if client < 0 else f"client {client}",
             "truth": _file_uri(run.path / grp["truth_image"].iloc[0]) if grp["truth_image"].iloc[0] else "",
             "attacks": [
                 {"name": r.attack, "image": _file_uri(run.path / r.image) if r.image else "",

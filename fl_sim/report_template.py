@@ -69,7 +69,7 @@ REPORT_TEMPLATE = """<!doctype html>
 <h2>Victims</h2>
 {% for v in victims %}
 <div class="victim">
- <div class="who">round {{ v.round }}<br>client {{ v.client }}</div>
+ <div class="who">round {{ v.round }}<br>{{ v.who }}</div>
  <figure>{% if v.truth %}<img src="{{ v.truth }}" alt="ground truth">{% endif %}<figcaption>ground truth</figcaption></figure>
  {% for a in v.attacks %}
  <figure>{% if a.image %}<img src="{{ a.image }}" alt="{{ a.name }}">{% endif %}

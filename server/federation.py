@@ -18,25 +18,34 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, Message, MessageType, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from clients.messages import TRAIN_LOSS, PartitionInfo, TrainInstruction, TrainReply, reply_partition
+from clients.messages import (LOCAL_STEPS, METRICS, NUM_EXAMPLES, PARTITION_ID, TRAIN_LOSS, PartitionInfo,
+                              TrainInstruction, TrainReply, from_secure_mean, reply_partition)
 from fl_sim.config import ExperimentConfig
-from fl_sim.federated_data import FederatedData, choose_victims, client_sample, federated_data, public_set
+from fl_sim.federated_data import FederatedData, choose_victims, client_sample, federated_data, public_set, stack
 from fl_sim.models import build_model
 from fl_sim.results import AttackRecord, RoundRecord, RunDirectory
 from fl_sim.training import evaluate
 from server.attack_runner import PUBLIC_SET_FIELDS, AttackRunner, AttackTask, RunnerEvents, Victim
-from server.cases import identity_gallery, initial_global_state, make_case, victim_truth
-from server.strategy import CuriousFedAvg, central_dp
+from server.cases import identity_gallery, initial_global_state, make_case
+from server.secure_aggregation import SecureAggregation, SecureRound
+from server.strategy import CuriousFedAvg, central_dp, train_metrics
 
 log = logging.getLogger("fl_sim.server")
 
 STATE_WEIGHTS = "global_weights"  # torch.save'd state_dict after the last finished round
 STATE_ROUND = "last_round"
+AGGREGATE = -1  # the "client" of an attack on a securely aggregated round: every sampled client
+
+
+def max_client_examples(config: ExperimentConfig, data: FederatedData, population: list[int]) -> int:
+    """The most images a client trains on in a round (FedSGD: its batch; FedAvg: its set)."""
+    most = max((len(data.partitions[p]) for p in population), default=1)
+    return min(most, config.federation.batch_size) if config.federation.algorithm == "fedsgd" else most
 
 
 class FederationError(RuntimeError):
@@ -82,6 +91,8 @@ class Display:
 
     def attack_start(self, task: AttackTask, total: int) -> None:
         who = f"c{task.client}" if not task.together else f"{len(task.together)} victims"
+        if task.client == AGGREGATE and not task.together:
+            who = "aggregate"
         desc = f"  attack {task.attack.key} r{task.round} {who}"
         if self.attack is None:
             self.attack = self.progress.add_task(desc, total=total or None, info="")
@@ -95,7 +106,8 @@ class Display:
     def attack_done(self, task: AttackTask, rec: AttackRecord) -> None:
         if self.attack is not None:
             self.progress.update(self.attack, visible=False)
-        self.print(f"  r{rec.round} c{rec.client} {rec.attack}: psnr {_f(rec.psnr, '.2f')} ssim {_f(rec.ssim, '.3f')}"
+        who = "aggregate" if rec.client == AGGREGATE else f"c{rec.client}"
+        self.print(f"  r{rec.round} {who} {rec.attack}: psnr {_f(rec.psnr, '.2f')} ssim {_f(rec.ssim, '.3f')}"
                    f" lpips {_f(rec.lpips, '.3f')} id {_f(rec.id_similarity, '.3f')}"
                    f" labels {_f(rec.label_accuracy, '.2f')} ({rec.iterations} it, {rec.seconds:.1f} s)")
 
@@ -211,6 +223,9 @@ class Federation:
         strategy = CuriousFedAvg(cfg, node_of, population, self.param_names, observer=self.observe)
         self.strategy = strategy
         aggregator = central_dp(cfg, strategy)  # the strategy, or Flower's DP wrapper around it
+        secure = None
+        if cfg.federation.secure_aggregation is not None:
+            secure = SecureAggregation(cfg, max_client_examples(cfg, self.data, population), self.job.reply_timeout)
         arrays = ArrayRecord(state)
         experiment_json = cfg.model_dump_json()
         if start > 1:
@@ -223,22 +238,17 @@ class Federation:
                 t0 = time.perf_counter()
                 display.round_started(rnd, total)
                 self.round_attacks = []
-                messages = aggregator.configure_train(rnd, arrays, TrainInstruction(rnd, experiment_json).to_config_record(),
-                                                    grid)
-                replies = self.exchange(grid, messages)
-                if self.job.stop.is_set():
-                    break
-                valid = strategy.screen(rnd, replies)  # the attacks see the updates as they arrived
-                # Flower's DP wrapper draws its noise from numpy's global generator: seeded per
-                # round, so a run (and a resumed one) is reproducible
-                np.random.seed((cfg.seed * 1_000_003 + rnd) % 2**32)
-                new_arrays, metrics = aggregator.aggregate_train(rnd, valid)
+                instruction = TrainInstruction(rnd, experiment_json).to_config_record()
+                if secure is None:
+                    new_arrays, metrics = self.plain_round(grid, rnd, arrays, instruction, aggregator)
+                else:
+                    new_arrays, metrics = self.secure_round(grid, rnd, arrays, instruction, secure)
                 self.runner.wait()
+                if self.job.stop.is_set():
+                    break  # an interrupted round is not recorded: a resume redoes it
                 if new_arrays is None:
                     reasons = "; ".join(sorted({r.splitlines()[0] for _, r in strategy.failed}))[:500]
                     raise FederationError(f"round {rnd}: no usable client reply ({reasons or 'no replies'})")
-                if self.job.stop.is_set():
-                    break  # an interrupted round is not recorded: a resume redoes it
                 arrays = new_arrays
                 state = arrays.to_torch_state_dict()
                 acc, loss = float("nan"), float("nan")
@@ -260,6 +270,37 @@ class Federation:
                 display.round_done(rec, total, len(strategy.failed), self.round_attacks)
             self.display = None
         self.job.attack_failures.extend(self.runner.failures)
+
+    def plain_round(self, grid: Grid, rnd: int, arrays: ArrayRecord, instruction: ConfigRecord,
+                    aggregator) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Every sampled client's update reaches the server; the attacks see each as it arrived."""
+        messages = aggregator.configure_train(rnd, arrays, instruction, grid)
+        replies = self.exchange(grid, messages)
+        if self.job.stop.is_set():
+            return None, None
+        valid = self.strategy.screen(rnd, replies)
+        # Flower's DP wrapper draws its noise from numpy's global generator: seeded per
+        # round, so a run (and a resumed one) is reproducible
+        np.random.seed((self.config.seed * 1_000_003 + rnd) % 2**32)
+        return aggregator.aggregate_train(rnd, valid)
+
+    def secure_round(self, grid: Grid, rnd: int, arrays: ArrayRecord, instruction: ConfigRecord,
+                     secure: SecureAggregation) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """SecAgg+: the server learns the weighted mean of the sampled clients' updates and
+        nothing else; the attacks target that aggregate."""
+        strategy = self.strategy
+        nodes = strategy.sample(rnd, arrays)
+        result = secure.run_round(grid, rnd, arrays, instruction, nodes)
+        if result is None:
+            strategy.failed = [(-1, "secure aggregation halted: too few clients answered to unmask the aggregate")]
+            return None, None
+        strategy.failed = [(-1, "a client failed during secure aggregation")] * result.failures
+        global_state = arrays.to_torch_state_dict()
+        gradients = set(self.param_names) if self.config.federation.algorithm == "fedsgd" else set()
+        mean = from_secure_mean(result.mean, global_state, gradients)
+        self.observe_aggregate(rnd, global_state, mean, result)
+        metrics = train_metrics([RecordDict({METRICS: MetricRecord(m)}) for m in result.client_metrics], NUM_EXAMPLES)
+        return strategy.server_step(ArrayRecord({k: Array(np.ascontiguousarray(v.numpy())) for k, v in mean.items()})), metrics
 
     def exchange(self, grid: Grid, messages) -> list[Message]:
         """`grid.send_and_receive`, but it gives up when the job is stopped (a Flower grid
@@ -304,17 +345,46 @@ class Federation:
             if global_state is None:
                 global_state = global_arrays.to_torch_state_dict()
             case = make_case(cfg, self.data, rnd, TrainReply.from_message(by_pid[pid]), global_state, self.param_names)
-            truth_images, truth_labels = victim_truth(cfg, self.data, pid, rnd)
-            if cfg.threat.save_cases:
-                folder = self.run.path / "cases"
-                case.save(folder / f"r{rnd}_c{pid}.pt")
-                torch.save({"images": truth_images, "labels": truth_labels}, folder / f"r{rnd}_c{pid}_truth.pt")
-            if not self._described and self.display is not None and self.runner.pending(rnd, pid):
-                self.display.print(f"threat model: {case.describe()}")
-                self._described = True
-            victims_cases.append(Victim(rnd, pid, case, truth_images, truth_labels,
-                                        truth_index=client_sample(cfg, self.data, pid, rnd)))
+            victims_cases.append(self._victim(rnd, pid, case, client_sample(cfg, self.data, pid, rnd)))
         self.runner.submit_round(victims_cases)
+
+    def observe_aggregate(self, rnd: int, global_state: dict[str, torch.Tensor], mean: dict[str, torch.Tensor],
+                          result: SecureRound) -> None:
+        """Under secure aggregation the one update the server sees is the round's aggregate:
+        attacked as one case whose batch is every sampled client's images (exact for FedSGD,
+        whose weighted mean gradient is the gradient of the union batch; for FedAvg the
+        attacker's best model of several clients' local training)."""
+        cfg = self.config
+        if not choose_victims(cfg, self.strategy.sampled, rnd) or not (cfg.attacks or cfg.threat.save_cases):
+            return
+        if not self.runner.pending(rnd, AGGREGATE) and not cfg.threat.save_cases:
+            return
+        n = max(result.num_examples, 1)
+        loss = sum(float(m[TRAIN_LOSS]) * float(m[NUM_EXAMPLES]) for m in result.client_metrics) / n
+        steps = max(int(m[LOCAL_STEPS]) for m in result.client_metrics)
+        arrays = {k: v.to(global_state[k].dtype) for k, v in mean.items()}
+        reply = TrainReply(arrays, result.num_examples, loss, AGGREGATE, steps)
+        case = make_case(cfg, self.data, rnd, reply, global_state, self.param_names)
+        case.meta["secure_aggregation"] = len(result.client_metrics)
+        clients = sorted(int(m[PARTITION_ID]) for m in result.client_metrics)
+        index = np.concatenate([client_sample(cfg, self.data, p, rnd) for p in clients])
+        self.runner.submit_round([self._victim(rnd, AGGREGATE, case, index)])
+
+    def _victim(self, rnd: int, pid: int, case, index: np.ndarray) -> Victim:
+        """A case with its truth (the images it was computed on), saved when the threat
+        model asks for it; the threat model is printed once."""
+        cfg = self.config
+        truth_images, truth_labels = stack(self.data, index)
+        if cfg.threat.save_cases:
+            folder = self.run.path / "cases"
+            case.save(folder / f"r{rnd}_c{pid}.pt")
+            torch.save({"images": truth_images, "labels": truth_labels}, folder / f"r{rnd}_c{pid}_truth.pt")
+        if not self._described and self.display is not None and self.runner.pending(rnd, pid):
+            who = (f"secure aggregation: the aggregate of {case.meta['secure_aggregation']} clients, "
+                   if pid == AGGREGATE else "")
+            self.display.print(f"threat model: {who}{case.describe()}")
+            self._described = True
+        return Victim(rnd, pid, case, truth_images, truth_labels, truth_index=index)
 
     # -- display hooks --------------------------------------------------------------------
     def _attack_start(self, task: AttackTask, total: int) -> None:
@@ -331,4 +401,4 @@ class Federation:
             self.display.attack_done(task, rec)
 
 
-__all__ = ["Federation", "Job", "FederationError", "STATE_WEIGHTS", "STATE_ROUND"]
+__all__ = ["Federation", "Job", "FederationError", "STATE_WEIGHTS", "STATE_ROUND", "AGGREGATE"]

@@ -11,7 +11,7 @@ import traceback
 from collections.abc import Iterable
 from uuid import uuid4
 
-from flwr.app import Context, Error, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid
 from flwr.common.constant import SUPERLINK_NODE_ID
@@ -19,6 +19,21 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 CLIENT_APP_EXCEPTION = 300  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def own_records(content: RecordDict) -> RecordDict:
+    """A message's content with its own config and metric records. Flower's engines
+    serialise every message, so each node gets its own copy; here messages built from one
+    RecordDict would share it, and a ClientApp mod may edit a record in place (SecAgg+'s pops
+    its stage). Arrays are shared: clients only read them, and copying them costs."""
+    own = RecordDict()
+    for key, record in content.items():
+        if isinstance(record, ConfigRecord):
+            record = ConfigRecord(dict(record))
+        elif isinstance(record, MetricRecord):
+            record = MetricRecord(dict(record))
+        own[key] = record
+    return own
 
 
 class InProcessGrid(Grid):
@@ -59,6 +74,8 @@ class InProcessGrid(Grid):
         for msg in messages:
             if msg.metadata.dst_node_id not in self.contexts:
                 raise ValueError(f"no node {msg.metadata.dst_node_id}")
+            if msg.has_content():
+                msg.content = own_records(msg.content)
             msg_id = str(uuid4())
             msg.metadata.__dict__["_message_id"] = msg_id
             self._queue[msg_id] = msg

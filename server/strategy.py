@@ -56,13 +56,17 @@ class CuriousFedAvg(FedAvg):
         self.sampled: list[int] = []
         self.failed: list[tuple[int, str]] = []  # (node id, reason) of the last round
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def sample(self, server_round: int, arrays: ArrayRecord) -> list[int]:
+        """The round's nodes (partitions sampled reproducibly, victims forced in)."""
         self.global_arrays = arrays
         sampled = sample_clients(self.config, self.population, server_round)
         self.sampled = force_victims(self.config, sampled, self.population, server_round)
+        return [self.node_of_partition[p] for p in self.sampled]
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        nodes = self.sample(server_round, arrays)
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        nodes = [self.node_of_partition[p] for p in self.sampled]
         return self._construct_messages(record, nodes, MessageType.TRAIN)
 
     def screen(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
@@ -88,10 +92,11 @@ class CuriousFedAvg(FedAvg):
         arrays, metrics = super().aggregate_train(server_round, valid)
         if arrays is None:
             return None, metrics
-        return self._server_step(arrays), metrics
+        return self.server_step(arrays), metrics
 
-    def _server_step(self, aggregate: ArrayRecord) -> ArrayRecord:
-        """New global arrays from the weighted mean of the replies, in the global dtypes."""
+    def server_step(self, aggregate: ArrayRecord) -> ArrayRecord:
+        """New global arrays from the weighted mean of the replies (FedAvg's, or the secure
+        aggregate's), in the global dtypes."""
         assert self.global_arrays is not None
         fed = self.config.federation
         params = set(self.param_names)
