@@ -33,6 +33,13 @@ def preflight(config: ExperimentConfig) -> None:
         raise ConfigError(f"data.image_size: {config.model.name} at {config.data.image_size} px and batch size 1 "
                           "ends in 1x1 feature maps, where BatchNorm in train mode fails: use data.image_size >= 64, "
                           "federation.batch_size >= 2 or federation.bn_mode: eval")
+    if fed.secure_aggregation is not None:
+        from server.secure_aggregation import workflow
+
+        try:  # Flower's own checks of the protocol's settings
+            workflow(fed.secure_aggregation, 1.0, None)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"federation.secure_aggregation: {exc}") from None
     try:
         data = federated_data(config)
     except (ValueError, FileNotFoundError) as exc:  # DataError and a loader's own checks

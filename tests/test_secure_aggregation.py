@@ -174,3 +174,12 @@ def test_secure_aggregation_under_flowers_ray_engine(tmp_path, lenet_init):
     gap = max(float((weights[k].double() - plain[k].double()).abs().max()) for k in plain)
     assert 0 < gap <= quantisation_bound(tree, run) * lr * 1.01
     assert list(run.metrics_frame()["client"]) == [-1]
+
+
+def test_flowers_own_protocol_checks_run_before_anything_is_written(tmp_path, lenet_init):
+    from server.preflight import preflight
+
+    config = parse_config(easy_config(lenet_init, federation={"secure_aggregation": {
+        "quantization_range": 2**22, "modulus_range": 3 * 2**30}}))
+    with pytest.raises(ConfigError, match="secure_aggregation.*power of 2"):
+        preflight(config)
