@@ -565,3 +565,6 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
            "apply_on_data", "apply_on_update", "adaptive_model", "adaptive_model_of", "UpdateModel", "privacy_statement", "central_epsilon", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
            "NoiseUpdate", "Soteria", "MixUp", "InstaHide"]
+
+# Defenses defined in their own modules register on import (after everything above exists).
+from fl_sim import ats as _ats  # noqa: E402,F401  - "ats", the augmentation policies

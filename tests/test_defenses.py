@@ -306,3 +306,45 @@ def test_mixing_defenses_train_on_mixtures_of_the_clients_own_images(name):
         assert torch.allclose(victim.case.update[n], g, atol=1e-6), n
     assert torch.equal(_mixing_victim({"name": name, "params": {"k": 3}})[1].case.update["fc.weight"],
                        victim.case.update["fc.weight"])
+
+
+def test_ats_candidates_do_what_the_policy_table_says():
+    """A vertical bar moves by round(150/331 x 9/9 x width) under candidate 3 (translateX,
+    level 9); contrast at level 6 scales a grey image's spread by 1 +- 1/3; the table holds
+    the 50 published candidates and a bad index names the allowed range."""
+    from fl_sim.ats import CANDIDATES, apply_operation
+
+    assert len(CANDIDATES) == 50
+    bar = torch.zeros(3, 32, 32)
+    bar[:, :, 4] = 1.0
+    moved = apply_operation(bar, *CANDIDATES[3], torch.Generator().manual_seed(0))
+    shift = round(150 / 331 * 32)
+    column = int(moved[0].sum(0).argmax())
+    assert column in (4 + shift, 4 - shift) or (4 - shift < 0 and moved.sum() == 0)
+    grey = 0.3 + 0.2 * torch.rand(1, 16, 16).expand(3, 16, 16)
+    out = apply_operation(grey, *CANDIDATES[1], torch.Generator().manual_seed(0))
+    ratio = float(out.std() / grey.std())
+    assert min(abs(ratio - 4 / 3), abs(ratio - 2 / 3)) < 0.02, ratio
+    with pytest.raises(ValueError, match=r"defenses.0.params: policy '3-1-50'.*0..49"):
+        _defenses(("ats", {"policy": "3-1-50"}))
+
+
+def test_ats_policy_transforms_each_image_reproducibly_and_keeps_labels():
+    """The hybrid policy: every image changes, labels stay, the client's seed decides; one
+    chain per image (with crop and flip off and the single chain "3", every image is the
+    translated original)."""
+    from fl_sim.ats import CANDIDATES, apply_operation
+
+    images, labels = torch.rand(6, 3, 32, 32), torch.arange(6)
+    (ats,) = _defenses(("ats", {}))
+    a, la = ats.on_data(images, labels, _ctx(1))
+    b, _ = ats.on_data(images, labels, _ctx(1))
+    c, _ = ats.on_data(images, labels, _ctx(2))
+    assert torch.equal(la, labels) and torch.equal(a, b) and not torch.equal(a, c)
+    assert all(not torch.allclose(x, y) for x, y in zip(a, images))
+    (shift_only,) = _defenses(("ats", {"policy": "3", "crop_flip": False}))
+    out, _ = shift_only.on_data(images, labels, _ctx(3))
+    for x, y in zip(out, images):
+        options = [apply_operation(x0, *CANDIDATES[3], g) for x0, g in
+                   ((y, torch.Generator().manual_seed(s)) for s in range(8))]
+        assert any(torch.allclose(x, o) for o in options)
