@@ -9,6 +9,13 @@ They live in the foundation, not in `clients/`, because they are one set of tran
 the ClientApp applies and that an adaptive attack (which must not import the client) reuses
 to model exactly what clients do. Each defense has a typed `Config`; a config's
 `defenses: [{name, params}]` builds them through the registry with one-line errors.
+
+Flower's `LocalDpMod` and clipping mods are not used for `gaussian` and `clip`: they read and
+write the legacy FitIns / FitRes layout (not this project's typed messages), clip the whole
+weight vector including BatchNorm statistics, have no FedSGD form (a gradient is not a weight
+difference), and an adaptive attack needs the very same transform as a pure function of the
+update. Flower's server-side DP wrapper and SecAgg+ are used as they are (server/strategy.py,
+server/secure_aggregation.py).
 """
 from __future__ import annotations
 
