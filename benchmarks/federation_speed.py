@@ -10,6 +10,7 @@ Defaults are small (100 clients, 10 per round, 3 rounds, 8 synthetic 32 px faces
 client); flags make it bigger:
 
     fl-sim bench federation --models resnet18 --algorithms fedavg --rounds 5 --image-size 64
+    fl-sim bench federation --secure-aggregation      # each also under SecAgg+, side by side
 """
 from __future__ import annotations
 
@@ -80,10 +81,10 @@ class PeakSampler(threading.Thread):
         return self.peak
 
 
-def experiment(args: argparse.Namespace, model: str, algorithm: str) -> dict:
+def experiment(args: argparse.Namespace, model: str, algorithm: str, secure: bool = False) -> dict:
     per_client = args.images_per_client
     return {
-        "name": f"bench-{model}-{algorithm}",
+        "name": f"bench-{model}-{algorithm}{'-secagg' if secure else ''}",
         "seed": 0,
         "data": {"name": "synthetic", "image_size": args.image_size, "test_fraction": 0.1,
                  # one identity per client, `per_client` training images each (+1 held out)
@@ -92,7 +93,7 @@ def experiment(args: argparse.Namespace, model: str, algorithm: str) -> dict:
         "federation": {"num_clients": args.clients, "clients_per_round": args.per_round, "rounds": args.rounds,
                        "algorithm": algorithm, "batch_size": per_client if algorithm == "fedsgd" else args.batch_size,
                        "local_lr": 0.01, "local_steps": args.local_steps, "server_lr": 0.1,
-                       "partitioning": "by-identity"},
+                       "partitioning": "by-identity", "secure_aggregation": {} if secure else None},
         "threat": {"rounds": []},
         "attacks": [],
         "engine": {"backend": args.backend, "client_num_cpus": args.client_cpus},
@@ -100,12 +101,13 @@ def experiment(args: argparse.Namespace, model: str, algorithm: str) -> dict:
     }
 
 
-def measure(args: argparse.Namespace, model: str, algorithm: str, workdir: Path) -> dict:
+def measure(args: argparse.Namespace, model: str, algorithm: str, workdir: Path, secure: bool = False) -> dict:
     import pandas as pd
 
-    cfg_path = workdir / f"{model}-{algorithm}.yaml"
-    cfg_path.write_text(yaml.safe_dump(experiment(args, model, algorithm)))
-    out = workdir / f"run-{model}-{algorithm}"
+    tag = f"{model}-{algorithm}{'-secagg' if secure else ''}"
+    cfg_path = workdir / f"{tag}.yaml"
+    cfg_path.write_text(yaml.safe_dump(experiment(args, model, algorithm, secure)))
+    out = workdir / f"run-{tag}"
     cmd = [sys.executable, "-m", "fl_sim.cli", "run", str(cfg_path), "--out", str(out)]
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -118,7 +120,7 @@ def measure(args: argparse.Namespace, model: str, algorithm: str, workdir: Path)
         raise RuntimeError(f"{model} {algorithm} failed:\n{output[-3000:]}")
     rounds = pd.read_csv(out / "rounds.csv")
     secs = rounds.seconds.tolist()
-    return {"model": model, "algorithm": algorithm, "wall": wall, "first": secs[0],
+    return {"model": model, "algorithm": algorithm, "secure": secure, "wall": wall, "first": secs[0],
             "later": statistics.median(secs[1:]) if len(secs) > 1 else float("nan"), "peak_mb": peak}
 
 
@@ -135,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int, default=4, help="FedAvg local steps")
     p.add_argument("--backend", choices=["ray", "inprocess"], default="ray")
     p.add_argument("--client-cpus", type=float, default=1.0)
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="run each combination also under SecAgg+ (federation.secure_aggregation)")
     p.add_argument("--keep", metavar="DIR", help="keep the runs in DIR (default: a temporary folder)")
     args = p.parse_args(argv or [])
 
@@ -148,19 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         workdir.mkdir(parents=True, exist_ok=True)
         for model in args.models.split(","):
             for algorithm in args.algorithms.split(","):
-                console.print(f"running {model} {algorithm} ({args.backend}, {args.clients} clients, "
-                              f"{args.per_round} per round, {args.rounds} rounds, {args.image_size} px) ...")
-                r = measure(args, model.strip(), algorithm.strip(), workdir)
-                console.print(f"  wall {r['wall']:.1f} s, round 1 {r['first']:.1f} s, later rounds "
-                              f"{r['later']:.1f} s, peak memory {r['peak_mb']:.0f} MB")
-                results.append(r)
+                for secure in ((False, True) if args.secure_aggregation else (False,)):
+                    console.print(f"running {model} {algorithm}{' under SecAgg+' if secure else ''} ({args.backend}, "
+                                  f"{args.clients} clients, {args.per_round} per round, {args.rounds} rounds, "
+                                  f"{args.image_size} px) ...")
+                    r = measure(args, model.strip(), algorithm.strip(), workdir, secure)
+                    console.print(f"  wall {r['wall']:.1f} s, round 1 {r['first']:.1f} s, later rounds "
+                                  f"{r['later']:.1f} s, peak memory {r['peak_mb']:.0f} MB")
+                    results.append(r)
 
     t = Table(title=f"federation speed: {args.clients} clients, {args.per_round} per round, {args.rounds} rounds, "
                     f"{args.images_per_client} images of {args.image_size} px per client, {args.backend}")
-    for c in ("model", "algorithm", "wall s", "round 1 s", "later rounds s", "peak MB (PSS)"):
+    for c in ("model", "algorithm", "aggregation", "wall s", "round 1 s", "later rounds s", "peak MB (PSS)"):
         t.add_column(c, justify="right")
     for r in results:
-        t.add_row(r["model"], r["algorithm"], f"{r['wall']:.1f}", f"{r['first']:.1f}", f"{r['later']:.1f}",
+        t.add_row(r["model"], r["algorithm"], "SecAgg+" if r["secure"] else "plain", f"{r['wall']:.1f}", f"{r['first']:.1f}", f"{r['later']:.1f}",
                   f"{r['peak_mb']:.0f}")
     console.print(t)
     return 0
