@@ -20,7 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 
 from clients.messages import (PartitionInfo, SecureTrainInstruction, TrainInstruction, is_secure_train,
-                              secure_reply_content, secure_vector)
+                              secure_instruction, secure_reply_content, secure_vector)
 from fl_sim.config import ExperimentConfig
 
 app = ClientApp()
@@ -46,9 +46,20 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     from flwr.client.mod import secaggplus_mod
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-    if RECORD_KEY_CONFIGS in msg.content.config_records:
-        return secaggplus_mod(msg, context, call_next)
-    return call_next(msg, context)
+    if RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return call_next(msg, context)
+    if is_secure_train(msg):
+        # The mod quantises the update with stochastic rounding from numpy's global generator:
+        # seeded per (seed, round, client), so a securely aggregated run repeats (the masks are
+        # random too, but they cancel exactly in the sum).
+        import numpy as np
+
+        from fl_sim.federated_data import client_seed
+
+        instruction = secure_instruction(msg)
+        config = experiment(instruction.experiment_json)
+        np.random.seed(client_seed(config, partition_info(context).partition_id, instruction.server_round) % 2**32)
+    return secaggplus_mod(msg, context, call_next)
 
 
 @app.train(mods=[secure_aggregation_mod])

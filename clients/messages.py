@@ -113,6 +113,11 @@ def is_secure_train(msg: Message) -> bool:
     return "fitins.parameters" in msg.content.array_records
 
 
+def secure_instruction(msg: Message) -> TrainInstruction:
+    """The round and experiment of a SecAgg+ train message, without decoding its arrays."""
+    return TrainInstruction.from_config(msg.content.config_records["fitins.config"])
+
+
 @dataclass(frozen=True)
 class SecureTrainInstruction:
     instruction: TrainInstruction
@@ -171,5 +176,5 @@ def reply_partition(msg: Message) -> int:
 
 
 __all__ = ["PartitionInfo", "TrainInstruction", "TrainReply", "reply_partition", "METRICS", "NUM_EXAMPLES", "TRAIN_LOSS",
-           "LOCAL_STEPS", "PARTITION_ID", "is_secure_train", "SecureTrainInstruction", "secure_vector",
+           "LOCAL_STEPS", "PARTITION_ID", "is_secure_train", "secure_instruction", "SecureTrainInstruction", "secure_vector",
            "from_secure_mean", "secure_reply_content"]

@@ -183,3 +183,12 @@ def test_flowers_own_protocol_checks_run_before_anything_is_written(tmp_path, le
         "quantization_range": 2**22, "modulus_range": 3 * 2**30}}))
     with pytest.raises(ConfigError, match="secure_aggregation.*power of 2"):
         preflight(config)
+
+
+def test_a_securely_aggregated_run_repeats(tmp_path, lenet_init):
+    """The protocol's stochastic rounding is seeded per (seed, round, client): the same
+    config gives the same model (the masks differ every run and cancel exactly)."""
+    tree = easy_config(lenet_init, federation={"rounds": 2, "secure_aggregation": SECURE})
+    a, b = (global_weights(run_tree(tree, tmp_path / name)) for name in ("a", "b"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
