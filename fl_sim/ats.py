@@ -1,5 +1,6 @@
 """ATS: the augmentation policies of Gao et al. (CVPR 2021, "Privacy-preserving
-collaborative learning with automatic transformation search") as a client-side defense.
+collaborative learning with automatic transformation search"), the operations behind the
+client-side defense `ats` (fl_sim/defenses.py).
 
 A client trains on transformed images, so a gradient inversion recovers (at best) the
 transformed image. ATS searched chains of AutoAugment operations for those that hurt
@@ -20,12 +21,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torchvision.transforms.v2.functional as F
 
-from fl_sim.defenses import Defense, DefenseContext, register_defense
 
 # Magnitude of an operation at level i (0..9): the authors' ranges.
 _LEVELS = 10
@@ -110,6 +109,20 @@ def apply_operation(image: torch.Tensor, name: str, level: int, g: torch.Generat
     return single[name](image)
 
 
+def transform_batch(images: torch.Tensor, policy: str, with_crop_flip: bool, g: torch.Generator) -> torch.Tensor:
+    """Each image (N, C, H, W) in [0, 1] through the authors' crop and flip (optional) and one
+    chain of the policy chosen at random."""
+    chains = parse_policy(policy)
+    out = []
+    for image in images:
+        if with_crop_flip:
+            image = crop_flip(image, g)
+        for index in chains[int(torch.randint(len(chains), (1,), generator=g))]:
+            image = apply_operation(image, *CANDIDATES[index], g)
+        out.append(image.clamp(0, 1))
+    return torch.stack(out).to(images.dtype)
+
+
 def crop_flip(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """The authors' training pipeline before the policy: a random crop of the image padded by
     1/8 of its size (zeros), then a horizontal flip with probability 1/2."""
@@ -121,33 +134,4 @@ def crop_flip(image: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return out.flip(-1) if int(torch.randint(2, (1,), generator=g)) else out
 
 
-@dataclass
-class ATSConfig:
-    policy: str = HYBRID
-    crop_flip: bool = True
-
-    def __post_init__(self) -> None:
-        parse_policy(self.policy)
-
-
-@register_defense("ats")
-class ATSAugmentation(Defense):
-    """Train on images transformed by an ATS policy (one chain per image, at random)."""
-
-    Config = ATSConfig
-
-    def on_data(self, images: torch.Tensor, labels: torch.Tensor,
-                ctx: DefenseContext) -> tuple[torch.Tensor, torch.Tensor]:
-        chains = parse_policy(self.config.policy)
-        g = ctx.generator
-        out = []
-        for image in images:
-            if self.config.crop_flip:
-                image = crop_flip(image, g)
-            for index in chains[int(torch.randint(len(chains), (1,), generator=g))]:
-                image = apply_operation(image, *CANDIDATES[index], g)
-            out.append(image.clamp(0, 1))
-        return torch.stack(out).to(images.dtype), labels
-
-
-__all__ = ["ATSAugmentation", "ATSConfig", "CANDIDATES", "HYBRID", "parse_policy", "apply_operation"]
+__all__ = ["CANDIDATES", "HYBRID", "parse_policy", "apply_operation", "crop_flip", "transform_batch"]

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fl_sim.ats import HYBRID, parse_policy, transform_batch
 from fl_sim.config import DefenseConfig
 from fl_sim.registry import Registry, build_settings
 
@@ -494,6 +495,28 @@ class InstaHide(MixUp):
     Config = InstaHideConfig
 
 
+@dataclass
+class ATSConfig:
+    policy: str = HYBRID  # the paper's searched hybrid, 3-1-7+43-18-18
+    crop_flip: bool = True  # the authors' random crop (padding 1/8) and flip before the policy
+
+    def __post_init__(self) -> None:
+        parse_policy(self.policy)
+
+
+@register_defense("ats")
+class ATSAugmentation(Defense):
+    """Train on images transformed by an ATS augmentation policy (Gao et al., CVPR 2021): one
+    chain of the policy per image, at random; the operations are `fl_sim.ats`'s. No adaptive
+    model: the transform is drawn anew for every image."""
+
+    Config = ATSConfig
+
+    def on_data(self, images: torch.Tensor, labels: torch.Tensor,
+                ctx: DefenseContext) -> tuple[torch.Tensor, torch.Tensor]:
+        return transform_batch(images, self.config.policy, self.config.crop_flip, ctx.generator), labels
+
+
 # ---------------------------------------------------------------------------------------
 
 
@@ -572,6 +595,3 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
            "apply_on_data", "apply_on_update", "adaptive_model", "adaptive_model_of", "UpdateModel", "privacy_statement", "central_epsilon", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
            "NoiseUpdate", "Soteria", "MixUp", "InstaHide"]
-
-# Defenses defined in their own modules register on import (after everything above exists).
-from fl_sim import ats as _ats  # noqa: E402,F401  - "ats", the augmentation policies
