@@ -129,7 +129,7 @@ class SecureTrainInstruction:
         from flwr.compat.common import recorddict_compat as compat
 
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
-        return cls(TrainInstruction.from_config(fitins.config), parameters_to_ndarrays(fitins.parameters))
+        return cls(secure_instruction(msg), parameters_to_ndarrays(fitins.parameters))
 
     def global_state(self, names: list[str]) -> dict[str, torch.Tensor]:
         if len(names) != len(self.global_arrays):

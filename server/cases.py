@@ -63,12 +63,6 @@ def make_case(config: ExperimentConfig, data: FederatedData, server_round: int, 
     )
 
 
-def victim_truth(config: ExperimentConfig, data: FederatedData, partition_id: int,
-                 server_round: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The images and labels a client trained on in a round (for the metrics only)."""
-    return stack(data, client_sample(config, data, partition_id, server_round))
-
-
 def identity_gallery(config: ExperimentConfig, data: FederatedData):
     """The critic's view of every identity in the clients' data set, for rank-1
     re-identification of reconstructions; None without a critic, attacks or identities."""
@@ -105,5 +99,5 @@ def simulate_victims(config: ExperimentConfig, partition_ids: Sequence[int], ser
     return victims
 
 
-__all__ = ["initial_global_state", "make_case", "victim_truth", "simulate_victims", "parameter_names",
+__all__ = ["initial_global_state", "make_case", "simulate_victims", "parameter_names",
            "identity_gallery"]

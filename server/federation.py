@@ -43,9 +43,8 @@ AGGREGATE = -1  # the "client" of an attack on a securely aggregated round: ever
 
 
 def max_client_examples(config: ExperimentConfig, data: FederatedData, population: list[int]) -> int:
-    """The most images a client trains on in a round (FedSGD: its batch; FedAvg: its set)."""
-    most = max((len(data.partitions[p]) for p in population), default=1)
-    return min(most, config.federation.batch_size) if config.federation.algorithm == "fedsgd" else most
+    """The most images a client trains on in a round (its sample's size is the same every round)."""
+    return max((len(client_sample(config, data, p, 1)) for p in population), default=1)
 
 
 class FederationError(RuntimeError):
@@ -294,7 +293,7 @@ class Federation:
         if result is None:
             strategy.failed = [(-1, "secure aggregation halted: too few clients answered to unmask the aggregate")]
             return None, None
-        strategy.failed = [(-1, "a client failed during secure aggregation")] * result.failures
+        strategy.failed = [(-1, reason) for reason in result.failures]
         global_state = arrays.to_torch_state_dict()
         gradients = set(self.param_names) if self.config.federation.algorithm == "fedsgd" else set()
         mean = from_secure_mean(result.mean, global_state, gradients)

@@ -36,7 +36,7 @@ class SecureRound:
     mean: list[np.ndarray]  # the weighted mean of the clients' secure vectors, in the global state's order
     num_examples: int
     client_metrics: list[dict[str, Any]]  # each client's plaintext bookkeeping (examples, loss, steps, id)
-    failures: int
+    failures: list[str]  # why a client's reply at some stage was an error
 
 
 @dataclass
@@ -53,7 +53,6 @@ class _StrategyBridge:
     nodes: list[int]
     instruction: dict[str, Any]
     results: list = field(default_factory=list)
-    failures: list = field(default_factory=list)
 
     def configure_fit(self, server_round, parameters, client_manager):
         from flwr.common import FitIns
@@ -62,7 +61,7 @@ class _StrategyBridge:
 
     def aggregate_fit(self, server_round, results, failures):
         # the workflow has put the unmasked weighted mean into every result's parameters
-        self.results, self.failures = list(results), list(failures)
+        self.results = list(results)
         return (results[0][1].parameters if results else None), {}
 
 
@@ -119,7 +118,7 @@ class SecureAggregation:
         mean = parameters_to_ndarrays(bridge.results[0][1].parameters)
         metrics = [dict(fitres.metrics) for _, fitres in bridge.results]
         return SecureRound(mean=mean, num_examples=sum(int(fitres.num_examples) for _, fitres in bridge.results),
-                           client_metrics=metrics, failures=len(state.failures))
+                           client_metrics=metrics, failures=[str(e) for e in state.failures])
 
 
 __all__ = ["SecureAggregation", "SecureRound", "max_weight", "workflow"]
