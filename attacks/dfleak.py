@@ -44,7 +44,7 @@ import torch
 
 from attacks.baselines import InvertG, InvertGConfig
 from attacks.case import AttackCase
-from attacks.engine import InversionContext, RestartOutcome
+from attacks.engine import InversionContext, RestartOutcome, VictimModel
 from attacks.registry import register_attack
 
 InitSearch = Literal["nearest", "random-public", "off"]
@@ -184,10 +184,11 @@ class DFLeak(InvertG):
             images = load_public_faces(cfg.public_data, max(h, w), cfg.public_size, cfg.public_seed)
         return public_for_case(images, case.image_shape, case.grey)
 
-    def prepare(self, case: AttackCase, device: str | torch.device = "cpu") -> InversionContext:
+    def prepare(self, case: AttackCase, device: str | torch.device = "cpu", victim: VictimModel | None = None,
+                fast: bool = True) -> InversionContext:
         from attacks.init_search import candidate_features, rank_candidates, recover_features
 
-        ctx = super().prepare(case, device)
+        ctx = super().prepare(case, device, victim=victim, fast=fast)
         cfg = self.config
         st = ctx.state
         st["init_seconds"] = 0.0
@@ -245,12 +246,22 @@ class DFLeak(InvertG):
             self._restorer_key = key
         return self._restorer
 
-    def restore(self, ctx: InversionContext, x: torch.Tensor, event: int) -> torch.Tensor:
-        """x_r: the mean of `restorations` seeded restorations of x (pixels, C' channels)."""
+    def restore_batch(self, jobs: list[tuple[InversionContext, torch.Tensor, int]]) -> list[torch.Tensor]:
+        """x_r of each (context, image, event): the mean of `restorations` seeded restorations
+        of the image (pixels, C' channels). Victims attacked together that reach an event at
+        the same iteration are restored in one batched fit."""
         cfg = self.config
-        seeds = [((cfg.seed * 1009 + ctx.restart) * 101 + event) * 16 + j for j in range(cfg.restorations)]
-        rgb = ctx.victim.to_rgb(x.detach().clamp(0, 1))
-        outs = [o.to(x.device, x.dtype) for o in self.restorer(ctx).restore_many(rgb, seeds)]
+
+        def seeds(ctx: InversionContext, event: int) -> list[int]:
+            return [((cfg.seed * 1009 + ctx.restart) * 101 + event) * 16 + j for j in range(cfg.restorations)]
+
+        groups = [(ctx.victim.to_rgb(x.detach().clamp(0, 1)), seeds(ctx, event)) for ctx, x, event in jobs]
+        restored = self.restorer(jobs[0][0]).restore_groups(groups)
+        return [self._mean_restoration(x, outs) for (_, x, _), outs in zip(jobs, restored)]
+
+    @staticmethod
+    def _mean_restoration(x: torch.Tensor, outs: list[torch.Tensor]) -> torch.Tensor:
+        outs = [o.to(x.device, x.dtype) for o in outs]
         # A deterministic restorer gives equal outputs: keep them exact (no (a + a + a) / 3).
         same = all(torch.equal(o, outs[0]) for o in outs[1:])
         x_r = outs[0] if same else torch.stack(outs).mean(0)
@@ -260,54 +271,78 @@ class DFLeak(InvertG):
             return x_r[:, :1] if is_grey(x_r, atol=0.0) else luma(x_r)
         return x_r
 
-    def apply_event(self, ctx: InversionContext, x: torch.Tensor, share: float, event: int) -> torch.Tensor:
-        st = ctx.state
+    def apply_events(self, jobs: list[tuple[InversionContext, torch.Tensor, float, int]]) -> list[torch.Tensor]:
+        """One restoration event (context, image, share, event index) per job, restored together."""
         t0 = time.perf_counter()
-        x_r = self.restore(ctx, x, event)
-        diff = (grey_level(x_r) - grey_level(x)).abs()
-        mask = grow_mask(st["mask"], diff, share)
-        st["mask"] = mask
-        st["share"] = share
-        new = torch.where(mask, x_r, x)
-        st["restore_seconds"] += time.perf_counter() - t0
-        st["log"].append({"event": event, "share": share, "replaced": float(mask.float().mean()),
-                          "mean_abs_change": float((new - x).abs().mean())})
-        return new
+        restored = self.restore_batch([(ctx, x, event) for ctx, x, _, event in jobs])
+        out = []
+        for (ctx, x, share, event), x_r in zip(jobs, restored):
+            st = ctx.state
+            diff = (grey_level(x_r) - grey_level(x)).abs()
+            mask = grow_mask(st["mask"], diff, share)
+            st["mask"] = mask
+            st["share"] = share
+            new = torch.where(mask, x_r, x)
+            st["log"].append({"event": event, "share": share, "replaced": float(mask.float().mean()),
+                              "mean_abs_change": float((new - x).abs().mean())})
+            out.append(new)
+        per_job = (time.perf_counter() - t0) / len(jobs)  # each victim's share of the batched fit
+        for ctx, *_ in jobs:
+            ctx.state["restore_seconds"] += per_job
+        return out
 
     def on_iteration(self, ctx: InversionContext, it: int, x: torch.Tensor, loss: float) -> torch.Tensor | None:
+        return self.on_iterations([ctx], it, [x], [loss])[0]
+
+    def on_iterations(self, ctxs: list[InversionContext], it: int, xs: list[torch.Tensor] | torch.Tensor,
+                      losses: list[float]) -> list[torch.Tensor | None]:
         cfg = self.config
-        st = ctx.state
-        # `loss` belongs to the image this iteration started from (the last one we returned):
-        # track the lowest-loss image since the last restoration event.
-        if st["restored"] and st["prev"] is not None and loss < st["post_best_loss"]:
-            st["post_best_loss"], st["post_best"] = loss, st["prev"]
-        current = x
-        if cfg.pixel_schedule and cfg.pixel_schedule_mode == "step" and st["x_before"] is not None \
-                and st["mask"] is not None and cfg.alpha_p != 1.0:
-            before = st["x_before"]
-            scale = torch.where(st["mask"], cfg.alpha_p, 1.0).to(x.dtype)
-            current = before + scale * (x - before)
-        if cfg.residual:
-            if st["trigger"] is None and loss < cfg.epsilon:
-                st["trigger"] = it
-                st["events"] = schedule_events(it, cfg.iterations, cfg.shares)
-            due = [e for e in st["events"][st["next_event"]:] if e.iteration <= it]
-            if due:
-                first = st["next_event"]
-                st["next_event"] += len(due)
-                share = max(e.share for e in due)
-                if share > 0:
-                    current = self.apply_event(ctx, current, share, first + len(due) - 1)
-                    st["restored"] = True
-                    st["post_best"], st["post_best_loss"] = None, math.inf
-        if current is x or torch.equal(current, x):
-            st["prev"] = x.detach().clone()
-            return None
-        # The image the loop holds next: the replacement, through the loop's parametrisation
-        # (the same elementwise ops, so bit for bit the image the next loss belongs to).
-        victim = ctx.victim
-        st["prev"] = victim.param_to_pixels(victim.pixels_to_param(current)).detach().clone()
-        return current
+        currents: list[torch.Tensor] = []
+        events: list[tuple[int, float, int]] = []  # (victim, share, event index) due now
+        for i, (ctx, x, loss) in enumerate(zip(ctxs, xs, losses)):
+            st = ctx.state
+            # `loss` belongs to the image this iteration started from (the last one we returned):
+            # track the lowest-loss image since the last restoration event.
+            if st["restored"] and st["prev"] is not None and loss < st["post_best_loss"]:
+                st["post_best_loss"], st["post_best"] = loss, st["prev"]
+            current = x
+            if cfg.pixel_schedule and cfg.pixel_schedule_mode == "step" and st["x_before"] is not None \
+                    and st["mask"] is not None and cfg.alpha_p != 1.0:
+                before = st["x_before"]
+                scale = torch.where(st["mask"], cfg.alpha_p, 1.0).to(x.dtype)
+                current = before + scale * (x - before)
+            if cfg.residual:
+                if st["trigger"] is None and loss < cfg.epsilon:
+                    st["trigger"] = it
+                    st["events"] = schedule_events(it, cfg.iterations, cfg.shares)
+                due = [e for e in st["events"][st["next_event"]:] if e.iteration <= it]
+                if due:
+                    first = st["next_event"]
+                    st["next_event"] += len(due)
+                    share = max(e.share for e in due)
+                    if share > 0:
+                        events.append((i, share, first + len(due) - 1))
+            currents.append(current)
+        if events:
+            restored = self.apply_events([(ctxs[i], currents[i], share, event) for i, share, event in events])
+            for (i, _, _), new in zip(events, restored):
+                currents[i] = new
+                st = ctxs[i].state
+                st["restored"] = True
+                st["post_best"], st["post_best_loss"] = None, math.inf
+        out: list[torch.Tensor | None] = []
+        for ctx, x, current in zip(ctxs, xs, currents):
+            st = ctx.state
+            if current is x or torch.equal(current, x):
+                st["prev"] = x.detach().clone()
+                out.append(None)
+                continue
+            # The image the loop holds next: the replacement, through the loop's parametrisation
+            # (the same elementwise ops, so bit for bit the image the next loss belongs to).
+            victim = ctx.victim
+            st["prev"] = victim.param_to_pixels(victim.pixels_to_param(current)).detach().clone()
+            out.append(current)
+        return out
 
     # -- pixel update schedule ----------------------------------------------------------------
     def pixel_grad_scale(self, ctx: InversionContext, it: int, x: torch.Tensor) -> torch.Tensor | None:

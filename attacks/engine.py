@@ -530,6 +530,12 @@ class GradientInversion(Attack):
         """Called after each step with the current image; return a tensor to replace it."""
         return None
 
+    def on_iterations(self, ctxs: list[InversionContext], it: int, xs: list[torch.Tensor] | torch.Tensor,
+                      losses: list[float]) -> list[torch.Tensor | None]:
+        """`on_iteration` for victims attacked together (attacks.multi); an attack may do
+        their work as one batch (DFLeak restores them in one fit)."""
+        return [self.on_iteration(ctx, it, x, loss) for ctx, x, loss in zip(ctxs, xs, losses)]
+
     def pixel_grad_scale(self, ctx: InversionContext, it: int, x: torch.Tensor) -> torch.Tensor | None:
         """A per-pixel multiplier of the step direction (after the sign), or None."""
         return None

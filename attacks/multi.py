@@ -173,9 +173,24 @@ class MultiVictimInversion:
                                        c0.local_batch_size)
         else:
             update = torch.func.vmap(lambda inp, y: victim.functional_update(params, inp, y))
+        # An adaptive attack passes each victim's trial gradients through its own model of the
+        # defense (fitted to that victim's observed update) before matching.
+        defended = [ctx.state.get("defense_model") for ctx in ctxs]
+        adaptive = any(d is not None for d in defended)
+
+        def defend(gs: list[torch.Tensor]) -> list[torch.Tensor]:
+            per_victim = []
+            for i, model in enumerate(defended):
+                own = [g[i] for g in gs]
+                if model is not None:
+                    trial = model(dict(zip(victim.names, own)))
+                    own = [trial[n] for n in victim.names]
+                per_victim.append(own)
+            return [torch.stack(layer) for layer in zip(*per_victim)]
+
         fast = None
         if (self.backend in ("auto", "factored") and cfg.fast and c0.update_kind == "gradient"
-                and supports(victim.model) is None):
+                and supports(victim.model) is None and not adaptive):
             fast = FactoredMatcher(victim.model, c0.bn_mode == "train", victim.names, targets, weights,
                                    cfg.objective, cfg.objective_scale,
                                    matching_precision(cfg.precision, device, c0.bn_mode == "train"))
@@ -190,6 +205,8 @@ class MultiVictimInversion:
                     return loss
                 state["fast"] = None  # near an optimum: the exact formulation from now on
             gs = update(inp5, labels)
+            if adaptive:
+                gs = defend(gs)
             loss = _MatchingMany.apply(cfg.objective, weights, targets, tt, *gs)
             return loss * cfg.objective_scale if cfg.objective_scale != 1.0 else loss
 
@@ -294,8 +311,7 @@ class MultiVictimInversion:
                     torch.maximum(z, lo, out=z)
                     torch.minimum(z, hi, out=z)
                 xs = pixels(z)
-                for i, ctx in enumerate(ctxs):
-                    new = attack.on_iteration(ctx, it, xs[i], values[i])
+                for i, new in enumerate(attack.on_iterations(ctxs, it, xs, values)):
                     if new is not None:
                         z[i].copy_(victim.pixels_to_param(new.to(z.device)))
             report(progress, offset + it + 1, total, float(sum(values) / v))

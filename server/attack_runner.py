@@ -78,12 +78,12 @@ def _mean(values: np.ndarray | None) -> float:
 
 def batchable(attack) -> bool:
     """Whether `attacks.multi` can run this attack object on several victims at once: the
-    engine's own loop (not a subclass with a loop of its own, such as DFLeak), no
-    BatchNorm-statistics prior and not adaptive (the batched path matches undefended gradients)."""
+    engine's own loop (not a subclass with a loop of its own, such as GGL's latent search)
+    and no BatchNorm-statistics prior."""
     from attacks.engine import GradientInversion
 
     return (isinstance(attack, GradientInversion) and type(attack).run is GradientInversion.run
-            and getattr(attack.config, "bn_stats", 0) == 0 and not getattr(attack.config, "adaptive", False))
+            and getattr(attack.config, "bn_stats", 0) == 0)
 
 
 def build(attack: AttackConfig, public: torch.Tensor | None = None, where: str | None = None):

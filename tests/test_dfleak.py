@@ -196,18 +196,19 @@ def test_events_fire_once_at_their_iterations_and_shares():
     attack = DFLeak(DFLeakConfig(public_images=_faces(6, 32, seed=62), iterations=50, epsilon=10.0,
                                  restorer="test-constant"))
     fired = []
-    original = attack.apply_event
+    original = attack.apply_events
 
-    def spy(ctx, x, share, event):
+    def spy(jobs):
+        ((ctx, x, share, event),) = jobs
         fired.append((ctx.state["trigger"], share, float(ctx.state["mask"].float().mean()) if ctx.state["mask"] is not None else 0.0))
-        out = original(ctx, x, share, event)
+        (out,) = original(jobs)
         # Replaced pixels hold the restoration, the others the current image.
         m = ctx.state["mask"]
         assert torch.equal(out[m.expand_as(out)], torch.full_like(out, 0.25)[m.expand_as(out)])
         assert abs(float(m.float().mean()) - share) < 1e-9
-        return out
+        return [out]
 
-    attack.apply_event = spy
+    attack.apply_events = spy
     attack.run(case)
     assert [f[1] for f in fired] == [0.25, 0.5, 0.75, 1.0]
     assert [f[2] for f in fired] == [0.0, 0.25, 0.5, 0.75]  # the mask before each event only grows

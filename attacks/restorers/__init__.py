@@ -55,6 +55,12 @@ class BaseRestorer:
         up to floating-point reassociation)."""
         return [self.restore(images, s) for s in seeds]
 
+    def restore_groups(self, groups: list[tuple[torch.Tensor, list[int]]]) -> list[list[torch.Tensor]]:
+        """`restore_many` of several (images, seeds) groups, e.g. the victims of one batched
+        attack that reach a restoration event together; a restorer may fit them as one batch.
+        Each group's result equals its own `restore_many` up to floating-point reassociation."""
+        return [self.restore_many(images, seeds) for images, seeds in groups]
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.config})"
 

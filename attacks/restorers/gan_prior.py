@@ -101,19 +101,44 @@ class GanPriorRestorer(BaseRestorer):
 
     def restore_many(self, images: torch.Tensor, seeds: list[int]) -> list[torch.Tensor]:
         """All seeds in one batched fit (each row's fit is independent of the others)."""
-        check_batch(images)
-        n = images.shape[0]
-        grey = is_grey(images)
-        x = images.detach().to(self.device, torch.float32).clamp(0, 1)
-        src = luma(x).expand(-1, 3, -1, -1) if grey else as_rgb(x)
-        target = resize_to(src, (self.SIZE, self.SIZE)).clamp(0, 1)
-        rows = [s * 1_000_003 + i for s in seeds for i in range(n)]
-        with torch.enable_grad():
-            fake = self._project(target.repeat(len(seeds), 1, 1, 1), rows, grey).detach()
-        outs = []
-        for k in range(len(seeds)):
-            out = fake[k * n:(k + 1) * n]
-            if self.config.keep_detail and images.shape[-1] > self.SIZE:
-                out = add_detail(out, src)
-            outs.append(like_input(out, images, grey).to(images.device))
-        return outs
+        return self.restore_groups([(images, seeds)])[0]
+
+    def restore_groups(self, groups: list[tuple[torch.Tensor, list[int]]]) -> list[list[torch.Tensor]]:
+        """Every group's seeds in one batched fit: a row's latent pool comes from its own seed
+        (its group's seed and its index in the group), so a group fitted beside others gets
+        what it gets alone, up to the batch's floating-point reassociation."""
+        prepared, targets, rows = [], [], []
+        for images, seeds in groups:
+            check_batch(images)
+            n = images.shape[0]
+            grey = is_grey(images)
+            x = images.detach().to(self.device, torch.float32).clamp(0, 1)
+            src = luma(x).expand(-1, 3, -1, -1) if grey else as_rgb(x)
+            target = resize_to(src, (self.SIZE, self.SIZE)).clamp(0, 1)
+            prepared.append((images, seeds, n, grey, src))
+            targets.append(target.repeat(len(seeds), 1, 1, 1))
+            rows.extend(s * 1_000_003 + i for s in seeds for i in range(n))
+        # Grey and colour groups render differently: fit each kind as its own batch.
+        fakes: list[torch.Tensor | None] = [None] * len(groups)
+        for grey in (False, True):
+            which = [k for k, p in enumerate(prepared) if p[3] == grey]
+            if not which:
+                continue
+            sizes = [len(targets[k]) for k in which]
+            offsets = [sum(len(t) for t in targets[:k]) for k in which]
+            kind_rows = [r for k, o, m in zip(which, offsets, sizes) for r in rows[o:o + m]]
+            with torch.enable_grad():
+                fake = self._project(torch.cat([targets[k] for k in which]), kind_rows, grey).detach()
+            for k, part in zip(which, fake.split(sizes)):
+                fakes[k] = part
+        out: list[list[torch.Tensor]] = []
+        for (images, seeds, n, grey, src), fake in zip(prepared, fakes):
+            assert fake is not None
+            group = []
+            for k in range(len(seeds)):
+                one = fake[k * n:(k + 1) * n]
+                if self.config.keep_detail and images.shape[-1] > self.SIZE:
+                    one = add_detail(one, src)
+                group.append(like_input(one, images, grey).to(images.device))
+            out.append(group)
+        return out
