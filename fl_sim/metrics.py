@@ -96,6 +96,9 @@ def id_similarity(a: torch.Tensor, b: torch.Tensor, backend: str = "facenet") ->
     return torch.from_numpy((model.embed(a) * model.embed(b)).sum(1))
 
 
+_GALLERY_EMBEDDINGS: dict[tuple, np.ndarray] = {}
+
+
 class IdentityGallery:
     """Every identity of a data set as the critic sees it, for rank-1 re-identification:
     is the person the critic finds most like a reconstruction the victim?
@@ -115,9 +118,20 @@ class IdentityGallery:
     @classmethod
     def of(cls, images: torch.Tensor, identities: torch.Tensor, backend: str = "facenet",
            chunk: int = 64) -> "IdentityGallery":
-        model = embedder(backend)
-        emb = np.concatenate([model.embed(images[i:i + chunk]) for i in range(0, len(images), chunk)])
-        return cls(emb, identities.cpu().numpy(), backend)
+        """The gallery of a data set. Embedding it costs seconds per thousand images, and a
+        sweep or a bench builds it for the same data set at every point: the embeddings are
+        kept per (backend, data set content) for the life of the process."""
+        import hashlib
+
+        digest = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes())
+        digest.update(identities.cpu().numpy().astype(np.int64).tobytes())
+        key = (backend, tuple(images.shape), digest.hexdigest())
+        if key not in _GALLERY_EMBEDDINGS:
+            model = embedder(backend)
+            _GALLERY_EMBEDDINGS.clear()  # one data set at a time: a gallery can be large
+            _GALLERY_EMBEDDINGS[key] = np.concatenate([model.embed(images[i:i + chunk])
+                                                       for i in range(0, len(images), chunk)])
+        return cls(_GALLERY_EMBEDDINGS[key], identities.cpu().numpy(), backend)
 
     def ranks(self, recon: torch.Tensor, truth_index: np.ndarray) -> np.ndarray:
         """The rank (1 = best) of each reconstruction's true identity among all identities;

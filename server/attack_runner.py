@@ -217,7 +217,8 @@ class AttackRunner:
         if self.stop is not None and self.stop.is_set() and any(r.interrupted for r in results):
             return []  # stopped mid-way: nothing finished, nothing recorded
         # Each victim's `seconds` is its share of the batch's time (the cost per victim).
-        return [self._record(t, dataclasses.replace(r, seconds=r.seconds / len(tasks)))
+        return [self._record(t, dataclasses.replace(r, seconds=r.seconds / len(tasks)),
+                             getattr(attack.config, "select", None))
                 for t, r in zip(tasks, results)]
 
     def _started(self, task: AttackTask, attack):

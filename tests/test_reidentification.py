@@ -40,3 +40,23 @@ def test_image_metrics_reports_rank1_after_matching_the_batch(orl_gallery):
     out = image_metrics(recon, orl.images[index], ["psnr"], "facenet", gallery, index)
     assert out["id_rank1"].tolist() == [1.0, 1.0]
     assert np.isinf(out["psnr"]).all() or (out["psnr"] > 90).all()
+
+
+def test_a_gallery_is_embedded_once_per_data_set(orl_gallery, monkeypatch):
+    """A sweep builds the gallery at every point: the same data set reuses its embeddings
+    (no call to the critic), other images (even one pixel) get their own."""
+    import fl_sim.metrics as metrics
+
+    orl, gallery = orl_gallery
+    calls = []
+    real = metrics.embedder
+    monkeypatch.setattr(metrics, "embedder", lambda backend: calls.append(backend) or real(backend))
+    again = IdentityGallery.of(orl.images, orl.identities, "facenet")
+    assert calls == [] and np.array_equal(again.embeddings, gallery.embeddings)
+    changed = orl.images[:64].clone()
+    changed[0, :, 0, 0] = 1 - changed[0, :, 0, 0]
+    changed[1] = torch.flip(changed[1], dims=[-1])
+    other = IdentityGallery.of(changed, orl.identities[:64], "facenet")
+    assert calls == ["facenet"]
+    assert np.allclose(other.embeddings[2:], gallery.embeddings[2:64], atol=1e-4)
+    assert not np.allclose(other.embeddings[1], gallery.embeddings[1], atol=1e-3)
