@@ -16,7 +16,9 @@ Cases come from the product's one pipeline (`server.cases.simulate_victims`): ea
 reply from the ClientApp's own `local_update` (BatchNorm mode, defenses and all) and the
 strategy's `make_case`. Attacks go through the federation's attack runner, so every finished
 (victim, attack) is in the run's results store at once and a resumed or sharded run never
-redoes one. Each attack runs alone on each victim (seconds per victim are comparable).
+redoes one. An attack runs on all of a shard's victims as one batch (attacks.multi; each
+victim's result is its result alone, up to rounding); a victim's seconds are its share of
+the batch, and the table prints each method's victim-iterations per second.
 
 The run directory is a `fl-sim run` directory (config.yaml, metrics.csv, images/,
 report.html) plus table.csv (mean and std per method), victims.csv (one row per victim and
@@ -183,6 +185,8 @@ def summarise(frame, order: list[str]):
     agg = frame.groupby("attack")[list(METRICS) + ["seconds"]].agg(["mean", "std"])
     agg.columns = [f"{a}_{b}" for a, b in agg.columns]
     agg["victims"] = frame.groupby("attack").size()
+    # Throughput: a victim's seconds are its share of the batch when victims ran together.
+    agg["victim_it_per_s"] = frame.groupby("attack")["iterations"].sum() / frame.groupby("attack")["seconds"].sum()
     return agg.reindex([a for a in order if a in agg.index]).reset_index()
 
 
@@ -204,14 +208,19 @@ def markdown(agg, comparisons, header: str) -> str:
     from fl_sim.stats import comparison_markdown
 
     lines = [header, "", "Mean ± std over victims:", "",
-             "| method | PSNR ↑ | MSE ↓ | LPIPS ↓ | SSIM ↑ | id similarity ↑ | rank-1 ↑ | s / victim | n |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| method | PSNR ↑ | MSE ↓ | LPIPS ↓ | SSIM ↑ | id similarity ↑ | rank-1 ↑ | s / victim | victim-it/s | n |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in agg.iterrows():
         lines.append(f"| {r['attack']} | {r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} | {r['mse_mean']:.4f} | "
                      f"{r['lpips_mean']:.3f} ± {r['lpips_std']:.3f} | {r['ssim_mean']:.3f} | "
                      f"{r['id_similarity_mean']:.3f} ± {r['id_similarity_std']:.3f} | {r['id_rank1_mean']:.0%} | "
-                     f"{r['seconds_mean']:.0f} | "
+                     f"{r['seconds_mean']:.0f} | {r['victim_it_per_s']:.1f} | "
                      f"{int(r['victims'])} |")
+    speed = dict(zip(agg["attack"], agg["victim_it_per_s"]))
+    if "dfleak" in speed and "invertg" in speed:
+        lines += ["", f"Throughput (victim-iterations per second, a round's victims attacked together, restoration "
+                      f"included): DFLeak {speed['dfleak']:.1f}, InvertG {speed['invertg']:.1f}: DFLeak at "
+                      f"{speed['dfleak'] / speed['invertg']:.0%} of InvertG."]
     lines += ["", "Paired, victim by victim:", "", comparison_markdown(comparisons)]
     lines += ["", "The paper, Table II (ResNet18 gender classifier, batch 1, 5000 iterations, GPU):", "",
               "| data | size | method | PSNR | MSE | LPIPS | SSIM (CW-SSIM) |", "|---|---|---|---|---|---|---|"]
@@ -269,6 +278,7 @@ def report_sections(agg, comparisons, header: str, grid_png: Path) -> list[tuple
         "id similarity ↑": agg["id_similarity_mean"].map("{:.3f}".format),
         "rank-1 ↑": agg["id_rank1_mean"].map("{:.0%}".format),
         "s / victim": agg["seconds_mean"].map("{:.0f}".format),
+        "victim-it/s": agg["victim_it_per_s"].map("{:.1f}".format),
     })
     paired = comparison_frame(comparisons)
     paper = pd.DataFrame([{"data": d, "size": z, "method": m, "PSNR": v[0], "MSE": v[1], "LPIPS": v[2],

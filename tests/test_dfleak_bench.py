@@ -53,6 +53,12 @@ def test_bench_writes_table_comparisons_and_report_then_resumes(tmp_path, capsys
     assert row["wins"] + row["ties"] + row["losses"] == 2
     md = (out / "table.md").read_text()
     assert "orl at 32 px" in md and "evaluation victims (clients 0, 1)" in md and "W/T/L" in md
+    # throughput: 6 iterations per victim over each victim's share of its batch's seconds
+    for attack in ("dfleak", "invertg"):
+        rows = main[main["attack"] == attack]
+        speed = table.set_index("attack").loc[attack, "victim_it_per_s"]
+        assert speed == pytest.approx(12 / rows["seconds"].sum(), rel=1e-6)
+    assert "DFLeak at" in md and "of InvertG" in md
     html = (out / "report.html").read_text()
     assert "Table II / Table V" in html and "victims x methods" in html and "Paired differences" in html
 
