@@ -78,12 +78,14 @@ def _mean(values: np.ndarray | None) -> float:
 
 def batchable(attack) -> bool:
     """Whether `attacks.multi` can run this attack object on several victims at once: the
-    engine's own loop (not a subclass with a loop of its own, such as GGL's latent search)
-    and no BatchNorm-statistics prior."""
+    engine's own loop (not a subclass with a loop of its own, such as GGL's latent search),
+    no BatchNorm-statistics prior, and not adaptive: a defense's model rules out the factored
+    matching, and on the exact path the batch is slower than one by one (ResNet18, 64 px, 4
+    victims, 2 threads: 4.1 victim-it/s expanded, 5.1 vmap, 8.4 one by one)."""
     from attacks.engine import GradientInversion
 
     return (isinstance(attack, GradientInversion) and type(attack).run is GradientInversion.run
-            and getattr(attack.config, "bn_stats", 0) == 0)
+            and getattr(attack.config, "bn_stats", 0) == 0 and not getattr(attack.config, "adaptive", False))
 
 
 def build(attack: AttackConfig, public: torch.Tensor | None = None, where: str | None = None):
