@@ -107,36 +107,31 @@ class GanPriorRestorer(BaseRestorer):
         """Every group's seeds in one batched fit: a row's latent pool comes from its own seed
         (its group's seed and its index in the group), so a group fitted beside others gets
         what it gets alone, up to the batch's floating-point reassociation."""
-        prepared, targets, rows = [], [], []
+        prepared = []  # per group: (images, seeds, grey, src, fit targets, their row seeds)
         for images, seeds in groups:
             check_batch(images)
-            n = images.shape[0]
             grey = is_grey(images)
             x = images.detach().to(self.device, torch.float32).clamp(0, 1)
             src = luma(x).expand(-1, 3, -1, -1) if grey else as_rgb(x)
-            target = resize_to(src, (self.SIZE, self.SIZE)).clamp(0, 1)
-            prepared.append((images, seeds, n, grey, src))
-            targets.append(target.repeat(len(seeds), 1, 1, 1))
-            rows.extend(s * 1_000_003 + i for s in seeds for i in range(n))
+            target = resize_to(src, (self.SIZE, self.SIZE)).clamp(0, 1).repeat(len(seeds), 1, 1, 1)
+            rows = [s * 1_000_003 + i for s in seeds for i in range(images.shape[0])]
+            prepared.append((images, seeds, grey, src, target, rows))
         # Grey and colour groups render differently: fit each kind as its own batch.
-        fakes: list[torch.Tensor | None] = [None] * len(groups)
+        fits: dict[int, torch.Tensor] = {}
         for grey in (False, True):
-            which = [k for k, p in enumerate(prepared) if p[3] == grey]
+            which = [k for k, p in enumerate(prepared) if p[2] == grey]
             if not which:
                 continue
-            sizes = [len(targets[k]) for k in which]
-            offsets = [sum(len(t) for t in targets[:k]) for k in which]
-            kind_rows = [r for k, o, m in zip(which, offsets, sizes) for r in rows[o:o + m]]
             with torch.enable_grad():
-                fake = self._project(torch.cat([targets[k] for k in which]), kind_rows, grey).detach()
-            for k, part in zip(which, fake.split(sizes)):
-                fakes[k] = part
+                fake = self._project(torch.cat([prepared[k][4] for k in which]),
+                                     [r for k in which for r in prepared[k][5]], grey).detach()
+            fits.update(zip(which, fake.split([len(prepared[k][4]) for k in which])))
         out: list[list[torch.Tensor]] = []
-        for (images, seeds, n, grey, src), fake in zip(prepared, fakes):
-            assert fake is not None
+        for k, (images, seeds, grey, src, _, _) in enumerate(prepared):
+            n = images.shape[0]
             group = []
-            for k in range(len(seeds)):
-                one = fake[k * n:(k + 1) * n]
+            for j in range(len(seeds)):
+                one = fits[k][j * n:(j + 1) * n]
                 if self.config.keep_detail and images.shape[-1] > self.SIZE:
                     one = add_detail(one, src)
                 group.append(like_input(one, images, grey).to(images.device))
