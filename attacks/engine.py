@@ -374,6 +374,17 @@ def matching_precision(setting: str, device: str | torch.device, bn_train: bool)
     return "bf16" if bf16_supported(device) and not bn_train else "fp32"
 
 
+def factored_masks(defense_model) -> dict[str, torch.Tensor] | None:
+    """What the factored matching needs to model an adaptive attack's defense model: {} for no
+    model, the masks of a zeroing one (fl_sim.defenses.ZeroPattern); None when it cannot (the
+    exact path must apply the model)."""
+    if defense_model is None:
+        return {}
+    from fl_sim.defenses import ZeroPattern
+
+    return dict(defense_model.masks) if isinstance(defense_model, ZeroPattern) else None
+
+
 def exact_threshold(matcher: GradientMatcher) -> float:
     """The matching loss under which the factored forms (attacks.factored) lose precision in
     float32: 1 - cos below 1e-3; for L2 (|g|^2 - 2<g,t> + |t|^2, whose float32 terms carry
@@ -615,15 +626,17 @@ class GradientInversion(Attack):
             from fl_sim.defenses import adaptive_model_of
 
             ctx.state["defense_model"] = adaptive_model_of(case.defenses, dict(zip(victim.names, targets)))
-        if ctx.state.get("defense_model") is not None:
-            return ctx  # the factored path matches undefended gradients: not for an adaptive attack
+        masks = factored_masks(ctx.state.get("defense_model"))
+        if masks is None:
+            return ctx  # the factored path models no other defense: the exact path applies the model
         if fast and cfg.fast and case.update_kind == "gradient" and cfg.bn_stats == 0 and supports(victim.model) is None:
             from attacks.factored import FactoredMatcher
 
             ctx.state["factored"] = ctx.state["factored_matcher"] = FactoredMatcher(
                 victim.model, case.bn_mode == "train", victim.names, [t.unsqueeze(0) for t in matcher.targets],
                 matcher.weights, cfg.objective, cfg.objective_scale,
-                matching_precision(cfg.precision, device, case.bn_mode == "train"))
+                matching_precision(cfg.precision, device, case.bn_mode == "train"),
+                {n: m.unsqueeze(0) for n, m in masks.items()})
             ctx.state["exact_below"] = exact_threshold(matcher)
         return ctx
 

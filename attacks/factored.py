@@ -45,6 +45,11 @@ __all__ = ["FactoredMatcher", "supports", "bf16_supported"]
 # 64 moves ResNet18's layer3 at 112 px (R = 49) to the Gram form: 15-18 -> 18-19 victim-it/s
 # (8 victims, bf16); 4 before.
 _GRAM_RATIO = 64
+# A masked factored layer (an adaptive attack under pruning) takes |M * dW|^2 through R^2
+# column products while R^2 <= this, else forms dW and masks it. ResNet18, 64 px, pruning
+# 80 %, one victim, bf16, s/iteration: 0.101 always formed, 0.088 at 16, 0.073 at 64, 0.100
+# at 256 (layer2's R = 64 then goes through 4096 products); the exact path 0.106.
+_MASKED_GEMM_MAX = 64
 
 
 def _gram_form(r: int, cout: int, k: int) -> bool:
@@ -183,7 +188,7 @@ class FactoredMatcher:
 
     def __init__(self, model: nn.Module, bn_train: bool, names: list[str], targets: list[torch.Tensor],
                  layer_weights: list[float], kind: str = "cosine", scale: float = 1.0,
-                 precision: str = "fp32") -> None:
+                 precision: str = "fp32", masks: dict[str, torch.Tensor] | None = None) -> None:
         why = supports(model)
         if why:
             raise NotImplementedError(f"factored matching does not support {why}")
@@ -217,6 +222,10 @@ class FactoredMatcher:
         w = torch.tensor(layer_weights, dtype=torch.float64)
         tt = torch.stack([t.reshape(t.shape[0], -1).double().pow(2).sum(1) for t in targets])  # (L, V)
         self.tt = dict(zip(names, tt))
+        # An adaptive attack's model of a zeroing defense (fl_sim.defenses.ZeroPattern): the
+        # trial gradient is matched only where the observed one is non-zero. The target is zero
+        # elsewhere, so <m g, t> = <g, t>; only |m g|^2 changes (`_masked_norm`).
+        self.masks = {n: m.reshape(m.shape[0], -1) for n, m in (masks or {}).items() if n in self.targets}
         self.nt = (w.view(-1, 1) * tt).sum(0).sqrt()  # (V,)
         self.wsum = float(w.sum())
 
@@ -336,6 +345,9 @@ class FactoredMatcher:
         if t is None:
             return
         g = grad.reshape(grad.shape[0], -1).to(t.dtype)
+        mask = self.masks.get(pname)
+        if mask is not None:
+            g = g * mask.to(g.device, g.dtype)
         gt, gg = _DenseTerms.apply(g, t.reshape(t.shape[0], -1))
         yield pname, gt, gg
 
@@ -353,5 +365,26 @@ class FactoredMatcher:
         else:
             tb_t = torch.bmm(b.transpose(1, 2), t.reshape(t.shape[0], o, b.shape[1]).transpose(1, 2))
         gt = (_wide(a.transpose(1, 2)) * _wide(tb_t)).sum((1, 2))
-        gg = (_wide(torch.bmm(a.transpose(1, 2), a)) * _wide(torch.bmm(b.transpose(1, 2), b))).sum((1, 2))
+        mask = self.masks.get(pname)
+        if mask is not None and r * r <= _MASKED_GEMM_MAX:
+            gg = self._masked_norm(a, b, mask)
+        elif mask is not None:  # R^2 products cost more than forming dW and masking it
+            g = torch.bmm(a, b.transpose(1, 2)).reshape(v, -1)
+            gg = _wide(g * mask.to(g.device, g.dtype)).pow(2).sum(1)
+        else:
+            gg = (_wide(torch.bmm(a.transpose(1, 2), a)) * _wide(torch.bmm(b.transpose(1, 2), b))).sum((1, 2))
         yield pname, gt, gg
+
+    @staticmethod
+    def _masked_norm(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """|M * dW|^2 per victim for dW = a b^T (a: V x O x R, b: V x I x R), M a 0/1 mask.
+
+        sum_ij M_ij (sum_r a_ir b_jr)^2 = sum_rs sum_ij M_ij (a_ir a_is)(b_jr b_js): one GEMM of
+        the mask with the R^2 column products of b, O x I x R^2 multiply-adds, where R is small
+        (the factored layers); forming dW and masking it would cost passes over O x I memory."""
+        v, o, r = a.shape
+        pa = _wide(a.unsqueeze(3) * a.unsqueeze(2)).reshape(v, o, r * r)
+        pb = _wide(b.unsqueeze(3) * b.unsqueeze(2)).reshape(v, -1, r * r)
+        m = mask.to(pa.device, pa.dtype).reshape(mask.shape[0], o, -1)
+        mpb = torch.matmul(m, pb)  # (V, O, R^2); a mask shared by all inputs broadcasts
+        return (pa * mpb).sum((1, 2))

@@ -25,7 +25,7 @@ from attacks.base import AttackResult, Progress, StopFlag, report, stopped
 from attacks.case import AttackCase
 from attacks.expanded import ExpandedModel, supports
 from attacks.engine import (_EXACT_BELOW, GradientInversion, InversionContext, RestartOutcome, exact_threshold,
-                            layer_weights, matching_precision)
+                            layer_weights, matching_precision, factored_masks)
 from attacks.factored import FactoredMatcher
 
 _SAME = ("model_name", "num_classes", "image_shape", "update_kind", "num_images", "local_lr", "local_steps",
@@ -46,6 +46,18 @@ def compatible(cases: Sequence[AttackCase]) -> str | None:
                 if not torch.equal(v, c.weights[k]):
                     return f"cases hold different global weights ({k})"
     return None
+
+
+def _stacked_masks(masks: list[dict[str, torch.Tensor]], targets: list[torch.Tensor],
+                   names: list[str]) -> dict[str, torch.Tensor]:
+    """Each victim's zero-pattern masks stacked per parameter (V, ...); a victim without a mask
+    for a parameter matches it everywhere (ones)."""
+    out = {}
+    for name, target in zip(names, targets):
+        if any(name in m for m in masks):
+            out[name] = torch.stack([m[name].to(target.dtype) if name in m else torch.ones_like(target[0])
+                                     for m in masks])
+    return out
 
 
 def _vshape(coef: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -189,11 +201,13 @@ class MultiVictimInversion:
             return [torch.stack(layer) for layer in zip(*per_victim)]
 
         fast = None
+        masks = [factored_masks(d) for d in defended]
         if (self.backend in ("auto", "factored") and cfg.fast and c0.update_kind == "gradient"
-                and supports(victim.model) is None and not adaptive):
+                and supports(victim.model) is None and all(m is not None for m in masks)):
             fast = FactoredMatcher(victim.model, c0.bn_mode == "train", victim.names, targets, weights,
                                    cfg.objective, cfg.objective_scale,
-                                   matching_precision(cfg.precision, device, c0.bn_mode == "train"))
+                                   matching_precision(cfg.precision, device, c0.bn_mode == "train"),
+                                   _stacked_masks(masks, targets, victim.names))
         thresholds = torch.tensor([exact_threshold(ctx.matcher) for ctx in ctxs])
         state = {"fast": fast}
         self.used_backend = "factored" if fast is not None else exact_backend

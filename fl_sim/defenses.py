@@ -151,14 +151,28 @@ def _clip_to(bound: float, observed: dict[str, torch.Tensor]) -> UpdateModel | N
     return _scale_onto(bound)
 
 
-def _zero_pattern(observed: dict[str, torch.Tensor], names: Sequence[str] | None = None) -> UpdateModel:
+@dataclass(frozen=True)
+class ZeroPattern:
+    """The model of a defense that only zeroes entries (pruning, Soteria): the trial is zeroed
+    wherever the observed update is exactly zero. A named type rather than a closure because
+    the factored matching (attacks.factored) can apply it without forming the gradients."""
+
+    masks: dict[str, torch.Tensor]  # parameter name -> 1 where the observed update is non-zero
+
+    def __call__(self, trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: v * self.masks[k].to(v.device, v.dtype) if k in self.masks else v for k, v in trial.items()}
+
+    def then(self, other: "ZeroPattern") -> "ZeroPattern":
+        """Both patterns applied (one after the other is one mask, the product)."""
+        masks = dict(self.masks)
+        for k, m in other.masks.items():
+            masks[k] = masks[k] * m if k in masks else m
+        return ZeroPattern(masks)
+
+
+def _zero_pattern(observed: dict[str, torch.Tensor], names: Sequence[str] | None = None) -> ZeroPattern:
     """Zero the trial wherever the observed update is exactly zero (in `names`, or all)."""
-    masks = {k: (v != 0).to(v.dtype) for k, v in observed.items() if names is None or k in names}
-
-    def model(trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {k: v * masks[k].to(v.device, v.dtype) if k in masks else v for k, v in trial.items()}
-
-    return model
+    return ZeroPattern({k: (v != 0).to(v.dtype) for k, v in observed.items() if names is None or k in names})
 
 
 def _flat(update: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -570,6 +584,11 @@ def adaptive_model(defenses: Sequence[Defense], observed: dict[str, torch.Tensor
     models = [m for d in defenses if (m := d.adaptive(observed)) is not None]
     if not models:
         return None
+    if all(isinstance(m, ZeroPattern) for m in models):  # kept recognisable for the factored matching
+        pattern = models[0]
+        for m in models[1:]:
+            pattern = pattern.then(m)
+        return pattern
 
     def model(trial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for m in models:
@@ -593,5 +612,5 @@ def apply_on_update(defenses: Sequence[Defense], update: dict[str, torch.Tensor]
 
 
 __all__ = ["Defense", "DefenseContext", "DEFENSES", "register_defense", "build_defenses",
-           "apply_on_data", "apply_on_update", "adaptive_model", "adaptive_model_of", "UpdateModel", "privacy_statement", "central_epsilon", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
+           "apply_on_data", "apply_on_update", "adaptive_model", "adaptive_model_of", "UpdateModel", "ZeroPattern", "privacy_statement", "central_epsilon", "ClipUpdate", "PruneUpdate", "QuantizeUpdate", "GaussianUpdate",
            "NoiseUpdate", "Soteria", "MixUp", "InstaHide"]

@@ -17,6 +17,7 @@ import logging
 import math
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -76,16 +77,24 @@ def _mean(values: np.ndarray | None) -> float:
     return float(np.nanmean(values)) if not np.all(np.isnan(values)) else float("nan")
 
 
-def batchable(attack) -> bool:
-    """Whether `attacks.multi` can run this attack object on several victims at once: the
+def batchable(attack, cases: Sequence[Any] = ()) -> bool:
+    """Whether `attacks.multi` can run this attack object on these victims at once: the
     engine's own loop (not a subclass with a loop of its own, such as GGL's latent search),
-    no BatchNorm-statistics prior, and not adaptive: a defense's model rules out the factored
-    matching, and on the exact path the batch is slower than one by one (ResNet18, 64 px, 4
-    victims, 2 threads: 4.1 victim-it/s expanded, 5.1 vmap, 8.4 one by one)."""
-    from attacks.engine import GradientInversion
+    no BatchNorm-statistics prior, and, for an adaptive attack, defenses the factored matching
+    models (zeroing ones: pruning, Soteria). Any other defense model needs the exact path, on
+    which the batch is slower than one by one (ResNet18, 64 px, 4 victims, 2 threads: 4.1
+    victim-it/s expanded, 5.1 vmap, 8.4 one by one)."""
+    from attacks.engine import GradientInversion, factored_masks
 
-    return (isinstance(attack, GradientInversion) and type(attack).run is GradientInversion.run
-            and getattr(attack.config, "bn_stats", 0) == 0 and not getattr(attack.config, "adaptive", False))
+    if not (isinstance(attack, GradientInversion) and type(attack).run is GradientInversion.run
+            and getattr(attack.config, "bn_stats", 0) == 0):
+        return False
+    if not getattr(attack.config, "adaptive", False):
+        return True
+    from fl_sim.defenses import adaptive_model_of
+
+    return all(factored_masks(adaptive_model_of(c.defenses, c.update) if c.defenses else None) is not None
+               for c in cases)
 
 
 def build(attack: AttackConfig, public: torch.Tensor | None = None, where: str | None = None):
@@ -203,7 +212,7 @@ class AttackRunner:
             for t in tasks:
                 self._failed(t, exc)
             return []
-        if not batchable(attack):
+        if not batchable(attack, [t.case for t in tasks]):
             return [r for t in tasks if (r := self._run_local(t)) is not None]
         clients = tuple(t.client for t in tasks)
         shown = dataclasses.replace(tasks[0], together=clients)

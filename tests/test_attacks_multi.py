@@ -49,6 +49,49 @@ def test_factored_matching_equals_materialised_gradients(model, size, n, bn, kin
         assert float((d_fast[i] - d_plain[i]).norm() / d_plain[i].norm()) < 5e-3
 
 
+@pytest.mark.parametrize("defense,mobile", [({"name": "prune", "params": {"rate": 0.9}}, False),
+                                            ({"name": "soteria", "params": {"rate": 0.8}}, False),
+                                            ({"name": "prune", "params": {"rate": 0.8}}, True)])
+def test_factored_matching_models_a_zeroing_defense_exactly(defense, mobile):
+    """An adaptive attack under pruning or Soteria matches the trial gradient only where the
+    observed update is non-zero; the factored form (kept entries formed alone) must give the
+    loss and image gradient of the defense model applied to materialised gradients."""
+    from fl_sim.defenses import ZeroPattern, adaptive_model_of, apply_on_update, build_defenses, DefenseConfig, \
+        DefenseContext
+
+    model, size = ("mobilenet_v2", 32) if mobile else ("resnet18", 64)
+    cases, imgs, labels = _victims(model, size, 1, 2, "eval")
+    victim = VictimModel(cases[0])
+    defenses = build_defenses([DefenseConfig(**defense)])
+    observed = []
+    for i, case in enumerate(cases):
+        ctx = DefenseContext("fedsgd", 1, i, 0, 0.1, torch.Generator().manual_seed(i), model=victim.model,
+                             inputs=victim.normalise(imgs[i]))
+        update = apply_on_update(defenses, {k: case.update[k] for k in victim.names}, ctx)
+        observed.append(update)
+    models = [adaptive_model_of([defense], o) for o in observed]
+    assert all(isinstance(m, ZeroPattern) for m in models)
+    zeros = float(sum((observed[0][k] == 0).sum() for k in victim.names)) / sum(observed[0][k].numel() for k in victim.names)
+    assert zeros > 0.0
+    targets = [torch.stack([o[k] for o in observed]) for k in victim.names]
+    masks = {k: torch.stack([m.masks[k] for m in models]) for k in models[0].masks}
+    weights = [1.0] * len(targets)
+    fm = FactoredMatcher(victim.model, False, victim.names, targets, weights, "cosine", masks=masks)
+    x = torch.rand(2, 1, 3, size, size, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    fast = fm(victim.normalise(x.flatten(0, 1)).view_as(x), labels)
+    (d_fast,) = torch.autograd.grad(fast.sum(), x)
+    unmasked = FactoredMatcher(victim.model, False, victim.names, targets, weights, "cosine")(
+        victim.normalise(x.flatten(0, 1)).view_as(x), labels)
+    for i in range(2):
+        trial = models[i](dict(zip(victim.names, victim.simulate(x[i], labels[i]))))
+        plain = GradientMatcher([observed[i][k] for k in victim.names], "cosine", weights)([trial[k] for k in victim.names])
+        (d_plain,) = torch.autograd.grad(plain, x)
+        assert float(fast[i].detach()) == pytest.approx(float(plain.detach()), rel=5e-3)
+        assert float((d_fast[i] - d_plain[i]).norm() / d_plain[i].norm()) < 5e-3
+        # and the mask matters: without it the loss is another one
+        assert abs(float(unmasked[i].detach()) - float(plain.detach())) > 20 * abs(float(fast[i].detach()) - float(plain.detach()))
+
+
 def test_engine_hands_over_to_exact_matching_near_the_optimum():
     # LeNet's gradients are nearly collinear: 1 - cos starts below 1e-3, where the factored
     # dot-product form would be rounding noise; the engine must switch at once.
