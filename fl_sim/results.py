@@ -7,6 +7,7 @@
       rounds.csv      one row per round
       global_model.pt the global model's state_dict after the last finished round
       models/         round-NNN.pt: the global model after each round in federation.save_rounds
+      checkpoints/    round-NNN.pt: the last finished round's weights, what a resume starts from
       images/         ground truth and reconstructions as PNG
       report.html
 
@@ -23,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -223,12 +224,48 @@ class RunDirectory:
         row = self.db.execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 
+    # -- the federation's checkpoint ---------------------------------------------------
+    # One write of the global weights per round (45 MB for ResNet18): checkpoints/round-NNN.pt,
+    # committed by recording the round in the store; global_model.pt and models/round-NNN.pt
+    # are hard links to it (copies where the file system has no links).
+    def save_checkpoint(self, state: dict[str, torch.Tensor], server_round: int, key: str,
+                        keep: Sequence[int] = ()) -> None:
+        """The global weights after `server_round`: written, committed (`key` in the store),
+        exported as global_model.pt (and models/round-NNN.pt for rounds in `keep`), and older
+        checkpoints removed. A kill at any point leaves the last committed round loadable."""
+        path = self.save_model(state, checkpoint=server_round)
+        self.set_state(key, str(server_round).encode())
+        _link(path, self.path / "global_model.pt")
+        if server_round in keep:
+            _link(path, self.model_path(server_round))
+        for old in path.parent.glob("round-*.pt"):
+            if old != path:
+                old.unlink(missing_ok=True)
+
+    def checkpoint(self, key: str) -> tuple[int, dict[str, torch.Tensor]] | None:
+        """The last committed round and its global weights, or None."""
+        last = self.get_state(key)
+        if last is None:
+            return None
+        rnd = int(last.decode())
+        path = self.checkpoint_path(rnd)
+        if not path.exists():
+            return None
+        return rnd, torch.load(path, map_location="cpu", weights_only=True)
+
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"round-{server_round:03d}.pt"
+
     # -- exports -------------------------------------------------------------------
-    def save_model(self, state: dict[str, torch.Tensor], server_round: int | None = None) -> Path:
+    def save_model(self, state: dict[str, torch.Tensor], server_round: int | None = None,
+                   checkpoint: int | None = None) -> Path:
         """The global model as a plain state_dict file (what `model.weights` loads):
         `global_model.pt`, or `models/round-NNN.pt` for a round. Written to a temporary file and
         renamed, so a reader (or a killed run) never sees half a model."""
-        path = self.path / "global_model.pt" if server_round is None else self.model_path(server_round)
+        if checkpoint is not None:
+            path = self.checkpoint_path(checkpoint)
+        else:
+            path = self.path / "global_model.pt" if server_round is None else self.model_path(server_round)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
@@ -260,3 +297,18 @@ class RunDirectory:
         rel = Path("images") / f"{name}.png"
         Image.fromarray(arr).save(self.path / rel)
         return rel.as_posix()
+
+
+def _link(source: Path, target: Path) -> None:
+    """`target` becomes the same file as `source` (a hard link, replacing it atomically; a copy
+    where links are not supported)."""
+    import shutil
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(source, tmp)
+    except OSError:
+        shutil.copyfile(source, tmp)
+    os.replace(tmp, target)

@@ -37,7 +37,7 @@ from server.strategy import CuriousFedAvg, central_dp, train_metrics
 
 log = logging.getLogger("fl_sim.server")
 
-STATE_WEIGHTS = "global_weights"  # torch.save'd state_dict after the last finished round
+STATE_WEIGHTS = "global_weights"  # runs before checkpoint files kept the weights in the store
 STATE_ROUND = "last_round"
 AGGREGATE = -1  # the "client" of an attack on a securely aggregated round: every sampled client
 
@@ -201,8 +201,11 @@ class Federation:
     def restore(self) -> tuple[int, dict[str, torch.Tensor]]:
         """First round to run and the global weights to start from."""
         if self.job.resume:
+            saved = self.run.checkpoint(STATE_ROUND)
+            if saved is not None:
+                return saved[0] + 1, saved[1]
             blob, last = self.run.get_state(STATE_WEIGHTS), self.run.get_state(STATE_ROUND)
-            if blob is not None and last is not None:
+            if blob is not None and last is not None:  # a run from before checkpoint files
                 return int(last.decode()) + 1, state_from_bytes(blob)
         return 1, {k: v.clone() for k, v in self.initial_state.items()}
 
@@ -261,11 +264,7 @@ class Federation:
                 # The round record first, then the checkpoint: a kill in between redoes the
                 # round on resume (and replaces the record), never skips it.
                 self.run.add_round(rec)
-                self.run.set_state(STATE_WEIGHTS, state_bytes(state))
-                self.run.set_state(STATE_ROUND, str(rnd).encode())
-                self.run.save_model(state)
-                if rnd in cfg.federation.save_rounds:
-                    self.run.save_model(state, rnd)
+                self.run.save_checkpoint(state, rnd, STATE_ROUND, cfg.federation.save_rounds)
                 display.round_done(rec, total, len(strategy.failed), self.round_attacks)
             self.display = None
         self.job.attack_failures.extend(self.runner.failures)

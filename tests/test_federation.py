@@ -280,9 +280,9 @@ def test_batchnorm_client_and_attacker_agree(tmp_path, bn_mode):
     simulated = VictimModel(case).simulate(truth["images"], truth["labels"], create_graph=False)
     for name, s in zip(case.parameter_names(), simulated):
         torch.testing.assert_close(case.update[name], s.detach(), rtol=1e-4, atol=1e-6)
-    from server.federation import STATE_WEIGHTS, state_from_bytes
+    from server.federation import STATE_ROUND
 
-    after = state_from_bytes(run.get_state(STATE_WEIGHTS))
+    _, after = run.checkpoint(STATE_ROUND)
     moved = not torch.allclose(after["bn1.running_mean"], case.weights["bn1.running_mean"])
     assert moved == (bn_mode == "train")
 

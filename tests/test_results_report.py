@@ -36,6 +36,27 @@ def test_store_exports_csv_and_knows_what_is_done(tmp_path, orl64):
     assert reopened.config().name == "t"
 
 
+def test_checkpoint_is_one_file_per_round_committed_by_the_store(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", ExperimentConfig(name="t"))
+    weights = [{"w": torch.full((3,), float(r))} for r in range(4)]
+    assert run.checkpoint("last") is None
+    for rnd in (1, 2):
+        run.save_checkpoint(weights[rnd], rnd, "last", keep=[1])
+    rnd, state = run.checkpoint("last")
+    assert rnd == 2 and torch.equal(state["w"], weights[2]["w"])
+    assert [p.name for p in (run.path / "checkpoints").iterdir()] == ["round-002.pt"]
+    # the exports are the same file as the checkpoint (no second write), and hold its weights
+    load = lambda p: torch.load(p, weights_only=True)["w"]  # noqa: E731
+    assert torch.equal(load(run.path / "global_model.pt"), weights[2]["w"])
+    assert torch.equal(load(run.model_path(1)), weights[1]["w"]) and not run.model_path(2).exists()
+    assert (run.path / "global_model.pt").stat().st_ino == run.checkpoint_path(2).stat().st_ino
+    # killed after writing round 3's weights, before the store recorded the round: a resume
+    # starts from round 2's, still on disk
+    run.save_model(weights[3], checkpoint=3)
+    rnd, state = RunDirectory.open(run.path).checkpoint("last")
+    assert rnd == 2 and torch.equal(state["w"], weights[2]["w"])
+
+
 def test_existing_run_is_never_overwritten(tmp_path, orl64):
     _filled_run(tmp_path, orl64)
     with pytest.raises(RunExists, match="--resume"):
