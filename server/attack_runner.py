@@ -228,8 +228,7 @@ class AttackRunner:
         if self.stop is not None and self.stop.is_set() and any(r.interrupted for r in results):
             return []  # stopped mid-way: nothing finished, nothing recorded
         # Each victim's `seconds` is its share of the batch's time (the cost per victim).
-        return [self._record(t, dataclasses.replace(r, seconds=r.seconds / len(tasks)),
-                             getattr(attack.config, "select", None))
+        return [self._record(t, dataclasses.replace(r, seconds=r.seconds / len(tasks)), attack)
                 for t, r in zip(tasks, results)]
 
     def _started(self, task: AttackTask, attack):
@@ -252,7 +251,7 @@ class AttackRunner:
             return None
         if self.stop is not None and self.stop.is_set() and result.interrupted:
             return None  # stopped mid-way: not finished, so not recorded (a resume redoes it)
-        return self._record(task, result, getattr(attack.config, "select", None))
+        return self._record(task, result, attack)
 
     def _failed(self, task: AttackTask, exc: BaseException) -> None:
         text = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
@@ -309,9 +308,11 @@ class AttackRunner:
         return out
 
     # -- results --------------------------------------------------------------------------
-    def _record(self, task: AttackTask, result, selected: str | None = None) -> AttackRecord:
+    def _record(self, task: AttackTask, result, attack=None) -> AttackRecord:
         """Score a finished attack, save its pictures, write it to the store (and, when asked,
-        one row per variant of the same run, e.g. what another `select` policy returned)."""
+        one row per variant of the same run, e.g. what another `select` policy than the
+        attack's returned)."""
+        selected = getattr(getattr(attack, "config", None), "select", None)
         rec = self._scored(task, task.attack.key, result.images, result.labels, result)
         if self.record_variants:
             for name, images in result.variants.items():

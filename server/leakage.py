@@ -63,8 +63,8 @@ def measure_leakage(config: ExperimentConfig, victims: Sequence[int], run: RunDi
                     events: RunnerEvents | None = None) -> list[tuple[int, int, str, str]]:
     """Attack each victim's update of `config.threat.rounds[0]` with every configured attack,
     skipping what the run already holds. An attack runs on all its pending victims as one
-    batch where it can (attacks.multi: same results as one by one, several times the
-    throughput); a victim's `seconds` is then its share of the batch's time. Returns the
+    batch where it can (attacks.multi: same results as one by one, about twice the
+    throughput at 4-8 victims); a victim's `seconds` is then its share of the batch's time. Returns the
     failures (round, client, attack, error)."""
     from fl_sim.federated_data import federated_data, public_set
     from server.cases import identity_gallery, simulate_victims
