@@ -127,12 +127,6 @@ def _f(x: float | None, spec: str) -> str:
     return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 
-def state_bytes(state: dict[str, torch.Tensor]) -> bytes:
-    buf = io.BytesIO()
-    torch.save({k: v.detach().cpu() for k, v in state.items()}, buf)
-    return buf.getvalue()
-
-
 def state_from_bytes(blob: bytes) -> dict[str, torch.Tensor]:
     return torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
 

@@ -54,8 +54,9 @@ def test_factored_matching_equals_materialised_gradients(model, size, n, bn, kin
                                             ({"name": "prune", "params": {"rate": 0.8}}, True)])
 def test_factored_matching_models_a_zeroing_defense_exactly(defense, mobile):
     """An adaptive attack under pruning or Soteria matches the trial gradient only where the
-    observed update is non-zero; the factored form (kept entries formed alone) must give the
-    loss and image gradient of the defense model applied to materialised gradients."""
+    observed update is non-zero; the factored form (|M dW|^2 through column products, or dW
+    formed and masked) must give the loss and image gradient of the defense model applied to
+    materialised gradients."""
     from fl_sim.defenses import ZeroPattern, adaptive_model_of, apply_on_update, build_defenses, DefenseConfig, \
         DefenseContext
 
