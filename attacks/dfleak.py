@@ -5,6 +5,10 @@
    (D_c, 100 by default) whose features are nearest in L2. `off` keeps InvertG's random
    start (the paper's "without initialisation search"); `random-public` picks a public face
    at random (an extra ablation: the public prior without the search).
+   When the update has lost the features (their scale is not the model's: a FedAvg weight
+   difference below float32's resolution, as for an untrained MobileNetV2 with frozen
+   BatchNorm), DFLeak says so (`features_lost`) and runs as InvertG: random start, no
+   restoration (a face prior without evidence only returns a stranger).
 2. Residual facial optimisation (`residual`): the first iteration whose loss is below
    `epsilon` (0.3) fixes, once, a schedule of restoration events spread evenly from there
    to the end, with replaced shares `shares` (0, 25, 50, 75, 100 %). At an event the
@@ -63,6 +67,11 @@ class DFLeakConfig(InvertGConfig):
     public_data: str = "synthetic"  # a registered data set (fl_sim.data); synthetic = DCGAN faces
     public_size: int = 100
     public_seed: int = 2024  # a seed no client data set uses, so D_c stays disjoint
+    # Recovered features more than this many times larger or smaller than the candidates'
+    # (median norms) are not the model's: the update lost them (init_search.feature_scale).
+    # Then the face prior has no evidence to start from or to restore towards, and DFLeak runs
+    # as InvertG (its random start, no residual optimisation) instead of imposing a stranger.
+    feature_scale_tolerance: float = 10.0
     # 2. residual facial optimisation
     residual: bool = True
     restorer: str = "gan-prior"  # gan-prior, diffusion, eigenface, none
@@ -102,6 +111,8 @@ class DFLeakConfig(InvertGConfig):
             raise ValueError("alpha_p must be in [0, 1]")
         if self.public_size < 1:
             raise ValueError("public_size must be >= 1")
+        if self.feature_scale_tolerance <= 1:
+            raise ValueError("feature_scale_tolerance must be > 1")
         from attacks.restorers import restorer_fields
 
         allowed = restorer_fields(self.restorer)  # raises on an unknown restorer
@@ -186,7 +197,7 @@ class DFLeak(InvertG):
 
     def prepare(self, case: AttackCase, device: str | torch.device = "cpu", victim: VictimModel | None = None,
                 fast: bool = True) -> InversionContext:
-        from attacks.init_search import candidate_features, rank_candidates, recover_features
+        from attacks.init_search import candidate_features, feature_scale, rank_candidates, recover_features
 
         ctx = super().prepare(case, device, victim=victim, fast=fast)
         cfg = self.config
@@ -202,6 +213,9 @@ class DFLeak(InvertG):
             labels = None if case.num_images == 1 else ctx.labels.cpu()
             target = recover_features(case.update, case.update_kind, ctx.victim.model, labels)
             feats = candidate_features(ctx.victim, st["public"])
+            st["feature_scale"] = feature_scale(target, feats.cpu())
+            tol = cfg.feature_scale_tolerance
+            st["features_lost"] = not 1 / tol <= st["feature_scale"] <= tol
             st["search"] = rank_candidates(target.to(feats.device), feats, cfg.feature_distance)
         st["init_seconds"] = time.perf_counter() - t0
         return ctx
@@ -215,7 +229,7 @@ class DFLeak(InvertG):
         st.update(mask=None, trigger=None, events=[], next_event=0, share=0.0, x_before=None, log=[],
                   prev=None, post_best=None, post_best_loss=math.inf, restored=False, init_index=None,
                   init_distance=None)
-        if cfg.init_search == "off":
+        if cfg.init_search == "off" or st.get("features_lost"):
             return super().initial_images(ctx)
         public = st["public"]
         n = ctx.case.num_images
@@ -311,7 +325,7 @@ class DFLeak(InvertG):
                 before = st["x_before"]
                 scale = torch.where(st["mask"], cfg.alpha_p, 1.0).to(x.dtype)
                 current = before + scale * (x - before)
-            if cfg.residual:
+            if cfg.residual and not st.get("features_lost"):
                 if st["trigger"] is None and loss < cfg.epsilon:
                     st["trigger"] = it
                     st["events"] = schedule_events(it, cfg.iterations, cfg.shares)
@@ -382,6 +396,9 @@ class DFLeak(InvertG):
             record["init_index"] = float(st["init_index"][0])
         if st["init_distance"] is not None:
             record["init_feature_distance"] = float(st["init_distance"])
+        if "feature_scale" in st:  # recovered / candidate feature norms; far from 1: run as InvertG
+            record["init_feature_scale"] = float(st["feature_scale"])
+            record["features_lost"] = float(st["features_lost"])
         st["per_restart"][ctx.restart] = record
         return chosen, {k: v for k, v in candidates.items() if k != cfg.select}
 

@@ -13,6 +13,7 @@ are grey.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Literal
@@ -158,6 +159,20 @@ def rank_candidates(target: torch.Tensor, candidates: torch.Tensor, metric: Dist
     d = feature_distances(target, candidates, metric)
     order = torch.argsort(d, dim=1, stable=True)
     return SearchResult(order=order, distances=torch.gather(d, 1, order))
+
+
+def feature_scale(target: torch.Tensor, candidates: torch.Tensor) -> float:
+    """How many times larger the recovered features are than the candidates' (median norms).
+
+    About 1 when the recovery worked. Far from 1 when the update no longer carries the
+    features: a FedAvg weight difference of a model whose features are tiny (an untrained
+    MobileNetV2 with frozen BatchNorm has feature norms ~1e-8) loses dW below float32's
+    resolution of W, and dW / db is rounding noise. The L2 search then ranks the candidates
+    by their brightness and picks the darkest face (mean grey 0.08 where the faces average 0.33).
+    """
+    t = torch.linalg.vector_norm(target.double(), dim=1).median()
+    c = torch.linalg.vector_norm(candidates.double(), dim=1).median()
+    return float(t / c) if c > 0 else math.inf
 
 
 def pick(result: SearchResult, num_images: int, rank: int = 0) -> list[int]:

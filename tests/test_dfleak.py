@@ -53,6 +53,53 @@ def test_features_recovered_from_fedavg_weight_difference():
     torch.testing.assert_close(recovered, truth, rtol=1e-4, atol=1e-5)
 
 
+def _fedavg_victims(model: str, bn_mode: str, clients: list[int]):
+    """Real FedAvg cases from the demo's federation (ORL 64 px): 2 local steps on 2-image
+    batches, so each update mixes 4 images of one person."""
+    from fl_sim.config import load_config
+    from server.cases import simulate_victims
+
+    config = load_config("configs/demo.yaml", [f"model.name={model}", "federation.algorithm=fedavg",
+                                               "federation.batch_size=2", "federation.local_steps=2",
+                                               f"federation.bn_mode={bn_mode}"])
+    return simulate_victims(config, clients)
+
+
+@pytest.mark.parametrize("model, bn_mode, min_cos", [("resnet18", "eval", 0.98), ("mobilenet_v2", "train", 0.9)])
+def test_features_recovered_from_a_multi_image_fedavg_update(model, bn_mode, min_cos):
+    """4 images, 2 local steps: dW[y] / db[y] is a weighted mean of the images' features (cosine
+    0.99 with each for ResNet18, 0.95 for MobileNetV2 with batch statistics, measured), on the
+    candidates' scale, so the search ranks by evidence (`features_lost` 0)."""
+    victim = _fedavg_victims(model, bn_mode, [0])[0]
+    case = victim.case
+    attack = DFLeak(DFLeakConfig(iterations=1, residual=False))
+    ctx = attack.prepare(case)
+    recovered = recover_features(case.update, case.update_kind, ctx.victim.model, ctx.labels.cpu())
+    truth = candidate_features(ctx.victim, ctx.victim.from_rgb(victim.truth_images))
+    cos = torch.nn.functional.normalize(recovered, dim=1) @ torch.nn.functional.normalize(truth, dim=1).T
+    assert float(cos.min()) >= min_cos
+    assert 0.5 <= ctx.state["feature_scale"] <= 2 and not ctx.state["features_lost"]
+
+
+def test_dfleak_is_on_par_with_invertg_when_the_update_lost_the_features():
+    """An untrained MobileNetV2 with frozen BatchNorm has features of norm ~1e-8; its FedAvg
+    weight difference rounds them away (dW / db is noise ~5e4 times too large). Ranking by that
+    noise started DFLeak from the darkest public face (7 dB where InvertG reaches 15 dB). Now
+    DFLeak says the features are lost and runs as InvertG, so it is on par on every image."""
+    from fl_sim.metrics import psnr
+
+    victim = _fedavg_victims("mobilenet_v2", "eval", [0])[0]
+    results = {name: build_attack(name, iterations=10).run(victim.case) for name in ("invertg", "dfleak")}
+    diag = results["dfleak"].diagnostics
+    assert diag["features_lost"] == 1.0 and diag["init_feature_scale"] > 100
+    assert diag["restoration_events"] == 0.0
+    truth = victim.truth_images
+    for i in range(len(truth)):
+        ours = float(psnr(results["dfleak"].images[i:i + 1], truth[i:i + 1]))
+        theirs = float(psnr(results["invertg"].images[i:i + 1], truth[i:i + 1]))
+        assert ours >= theirs - 0.5, (i, ours, theirs)
+
+
 def test_search_picks_nearest_candidate_in_feature_space():
     victim = _faces(1, 64, seed=11)
     case = make_case("resnet18", 10, victim, torch.tensor([1]), seed=5)
@@ -292,6 +339,7 @@ def test_presets_switch_one_module_each():
     ({"shares": [0.5, 0.25]}, "non-decreasing"),
     ({"alpha_p": 2.0}, "alpha_p"),
     ({"init_search": "best"}, "init_search"),
+    ({"feature_scale_tolerance": 1.0}, "feature_scale_tolerance"),
 ])
 def test_bad_settings_are_one_line_errors(bad, needle):
     with pytest.raises(ValueError, match=needle):
