@@ -271,6 +271,20 @@ def test_no_trigger_no_restoration():
     assert result.diagnostics["trigger_iteration"] == -1.0 and not _Constant.calls
 
 
+@pytest.mark.parametrize("fraction", [0.9, 0.6])
+def test_relative_trigger_fires_at_a_fraction_of_the_start_loss(fraction):
+    """epsilon_fraction: the trigger is the first iteration whose loss is below that fraction of
+    the start's loss, whatever the absolute epsilon."""
+    image = _faces(1, 32, seed=81)
+    case = make_case("lenet", 10, image, torch.tensor([3]), seed=4)
+    attack = DFLeak(DFLeakConfig(public_images=_faces(6, 32, seed=82), iterations=40, epsilon=1e-9,
+                                 epsilon_fraction=fraction, restorer="test-constant", residual=True))
+    result = attack.run(case)
+    history = result.loss_history
+    expected = next(i for i, loss in enumerate(history) if loss < fraction * history[0])
+    assert result.diagnostics["trigger_iteration"] == expected > 0
+
+
 # --------------------------------------------------------------------------------------------
 # 3. The pixel update schedule and the equivalence with InvertG
 # --------------------------------------------------------------------------------------------
@@ -340,6 +354,7 @@ def test_presets_switch_one_module_each():
     ({"alpha_p": 2.0}, "alpha_p"),
     ({"init_search": "best"}, "init_search"),
     ({"feature_scale_tolerance": 1.0}, "feature_scale_tolerance"),
+    ({"epsilon_fraction": 1.5}, "epsilon_fraction"),
 ])
 def test_bad_settings_are_one_line_errors(bad, needle):
     with pytest.raises(ValueError, match=needle):
