@@ -38,6 +38,13 @@ def _model(name: str, num_classes: int, thread: int) -> nn.Module:
     return build_model(name, num_classes)
 
 
+_GLOBAL_RNG = threading.Lock()
+
+
+def _draws_from_global_rng(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0 for m in model.modules())
+
+
 @functools.lru_cache(maxsize=4)
 def _layout(model_name: str, num_classes: int, algorithm: str) -> tuple[tuple[str, ...], frozenset[str]]:
     model = build_model(model_name, num_classes)
@@ -74,9 +81,12 @@ def local_update(config: ExperimentConfig, partition_id: int, server_round: int,
 
     # Dropout (MobileNetV2's classifier) draws from torch's global generator: seed it per
     # (seed, round, client), so a client's update does not depend on which clients the same
-    # process (a Ray actor, the in-process grid) trained before it.
-    with single_thread(), torch.random.fork_rng(devices=[]):
-        model = _model(config.model.name, data.num_classes, threading.get_ident())  # built (first call) before seeding
+    # process (a Ray actor, the in-process grid) trained before it. Clients in threads of one
+    # process (the in-process grid's workers) take turns with such a model.
+    with _GLOBAL_RNG, torch.random.fork_rng(devices=[]):  # building (first call) draws initial weights
+        model = _model(config.model.name, data.num_classes, threading.get_ident())
+    turns = _GLOBAL_RNG if _draws_from_global_rng(model) else contextlib.nullcontext()
+    with single_thread(), turns, torch.random.fork_rng(devices=[]):
         model.load_state_dict(global_state)
         torch.manual_seed(seed)
         ctx.model, ctx.inputs = model, inputs

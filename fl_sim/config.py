@@ -183,6 +183,9 @@ class EngineConfig(Section):
     backend: Literal["ray", "inprocess"] = "ray"
     ray_address: str | None = None  # join an existing Ray cluster ("auto" or host:port)
     client_num_cpus: float = Field(1.0, gt=0)
+    # In-process: clients trained at once, in threads (None: this machine's CPUs divided by
+    # client_num_cpus, as Ray would place actors; always 1 under SecAgg+ or on a GPU).
+    inprocess_workers: int | None = Field(None, ge=1)
     client_num_gpus: float = Field(0.0, ge=0)
     attack_parallelism: int = Field(1, ge=1)  # attacks run at once (Ray tasks when > 1)
     # In-process, attack a round's victims as one batch with each gradient-matching attack

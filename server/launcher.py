@@ -79,7 +79,7 @@ def run_federation(job) -> None:
 
         from server.grid import InProcessGrid
 
-        grid = InProcessGrid(client_app, config.federation.num_clients)
+        grid = InProcessGrid(client_app, config.federation.num_clients, inprocess_workers(config))
         server_app(grid, Context(run_id=grid.run.run_id, node_id=0, node_config={}, state=RecordDict(),
                                  run_config={}))
         return
@@ -90,6 +90,19 @@ def run_federation(job) -> None:
     start_ray(backend_config["init_args"], job.run, local=not config.engine.ray_address)
     run_simulation(server_app=server_app, client_app=client_app, num_supernodes=config.federation.num_clients,
                    backend_config=backend_config)
+
+
+def inprocess_workers(config: ExperimentConfig) -> int:
+    """Clients the in-process grid trains at once: `engine.inprocess_workers`, by default as
+    many as Ray would run actors (`engine.client_num_cpus` each); one under SecAgg+ (its mod
+    seeds numpy's global generator) or on a GPU (one device, one stream)."""
+    engine = config.engine
+    if config.federation.secure_aggregation is not None or engine.client_num_gpus > 0 or \
+            str(config.device).startswith("cuda"):
+        return 1
+    if engine.inprocess_workers is not None:
+        return engine.inprocess_workers
+    return max(1, int((os.cpu_count() or 1) // engine.client_num_cpus))
 
 
 def ray_backend_config(config: ExperimentConfig) -> dict:

@@ -320,7 +320,9 @@ def _run_on_ray(sweep: SweepConfig, todo: list[SweepPoint], out: Path, address: 
     ray.init(address=address, ignore_reinit_error=True, log_to_driver=False)
     inprocess = SweepConfig.model_validate(sweep.model_dump())
     if inprocess.utility:
-        inprocess.utility.overrides = [*inprocess.utility.overrides, "engine.backend=inprocess"]
+        # two clients at once in the task's two CPUs, whatever the node's size
+        inprocess.utility.overrides = [*inprocess.utility.overrides, "engine.backend=inprocess",
+                                       "engine.inprocess_workers=2"]
     task = ray.remote(num_cpus=2)(run_point)
     pending = {task.remote(inprocess, p, out): p for p in todo}
     while pending:

@@ -213,6 +213,30 @@ def test_ray_federation_learns_and_matches_inprocess(tmp_path, lenet_init):
         assert acc == pytest.approx(acc_of_round(r_ray, rnd), abs=1e-9)
 
 
+
+def test_inprocess_clients_in_threads_equal_one_by_one(tmp_path):
+    """The in-process grid trains two clients at once in threads: the same sampled clients,
+    losses, accuracies and global weights as one by one, also for MobileNetV2, whose dropout
+    draws from torch's global generator (such clients take turns)."""
+    tree = {
+        "name": "threads", "seed": 2,
+        "data": {"name": "synthetic", "image_size": 32, "options": {"identities": 4, "per_identity": 30}},
+        "model": {"name": "mobilenet_v2"},
+        "federation": {"num_clients": 20, "clients_per_round": 4, "rounds": 2, "algorithm": "fedavg",
+                       "batch_size": 2, "local_lr": 0.01, "local_steps": 2, "partitioning": "iid",
+                       "bn_mode": "eval"},
+        "threat": {"rounds": []}, "attacks": [],
+        "metrics": {"lpips": False, "id_backend": None},
+    }
+    runs = {w: run_tree({**tree, "engine": {"backend": "inprocess", "inprocess_workers": w}}, tmp_path / f"w{w}")
+            for w in (1, 2)}
+    one, two = (runs[w].rounds_frame()[["sampled", "train_loss", "test_accuracy", "test_loss"]] for w in (1, 2))
+    assert one["train_loss"].notna().all()
+    pd.testing.assert_frame_equal(one, two)
+    a, b = (torch.load(runs[w].path / "global_model.pt", weights_only=True) for w in (1, 2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 @pytest.mark.parametrize("algorithm", ["fedsgd", "fedavg"])
 def test_victim_case_holds_the_victims_update(tmp_path, lenet_init, algorithm):
     """The server's case carries the update the victim's data gives (FedSGD gradient; FedAvg
