@@ -19,6 +19,7 @@ server/secure_aggregation.py).
 """
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -365,6 +366,11 @@ class SoteriaConfig:
             raise ValueError(f"probes must be >= 0, got {self.probes}")
 
 
+# Forward-mode AD's dual levels are process-wide: clients in threads of one process (the
+# in-process grid's workers) take turns inside one.
+_FORWARD_AD = threading.Lock()
+
+
 @register_defense("soteria")
 class Soteria(Defense):
     """Soteria (Sun et al., CVPR 2021): perturb the representation r that feeds the classifier
@@ -444,7 +450,7 @@ class Soteria(Defense):
         k, n = self.config.probes, len(inputs)
         x = inputs.detach().repeat(k, *([1] * (inputs.dim() - 1)))
         v = torch.randn(x.shape, generator=generator).to(x.dtype)
-        with torch.no_grad(), fwad.dual_level():
+        with _FORWARD_AD, torch.no_grad(), fwad.dual_level():
             model(fwad.make_dual(x, v))
             r, jv = fwad.unpack_dual(captured[-1])
         norms = jv.view(k, n, -1).pow(2).mean(0).sqrt()

@@ -214,14 +214,18 @@ def test_ray_federation_learns_and_matches_inprocess(tmp_path, lenet_init):
 
 
 
-def test_inprocess_clients_in_threads_equal_one_by_one(tmp_path):
+@pytest.mark.parametrize("model, defenses", [("mobilenet_v2", []),
+                                             ("resnet18", [{"name": "soteria", "params": {"rate": 0.8, "probes": 8}}])])
+def test_inprocess_clients_in_threads_equal_one_by_one(tmp_path, model, defenses):
     """The in-process grid trains two clients at once in threads: the same sampled clients,
-    losses, accuracies and global weights as one by one, also for MobileNetV2, whose dropout
-    draws from torch's global generator (such clients take turns)."""
+    losses, accuracies and global weights as one by one, for MobileNetV2, whose dropout draws
+    from torch's global generator, and under Soteria, whose probes use forward-mode AD (both
+    process-wide state: such clients take turns there)."""
     tree = {
+        "defenses": defenses,
         "name": "threads", "seed": 2,
         "data": {"name": "synthetic", "image_size": 32, "options": {"identities": 4, "per_identity": 30}},
-        "model": {"name": "mobilenet_v2"},
+        "model": {"name": model},
         "federation": {"num_clients": 20, "clients_per_round": 4, "rounds": 2, "algorithm": "fedavg",
                        "batch_size": 2, "local_lr": 0.01, "local_steps": 2, "partitioning": "iid",
                        "bn_mode": "eval"},
