@@ -190,7 +190,7 @@ class EngineConfig(Section):
     attack_parallelism: int = Field(1, ge=1)  # attacks run at once (Ray tasks when > 1)
     # In-process, attack a round's victims as one batch with each gradient-matching attack
     # (attacks/multi.py: 2-3x the victim-iterations per second; results within ~0.2 dB of
-    # attacking each alone). Attacks with their own loop (DFLeak, GGL) always go one by one.
+    # attacking each alone). GGL (its own CMA-ES loop in latent space) goes one by one.
     attack_together: bool = True
 
 
