@@ -5,9 +5,9 @@
    (D_c, 100 by default) whose features are nearest in L2. `off` keeps InvertG's random
    start (the paper's "without initialisation search"); `random-public` picks a public face
    at random (an extra ablation: the public prior without the search).
-   When the update has lost the features (their scale is not the model's: a FedAvg weight
-   difference below float32's resolution, as for an untrained MobileNetV2 with frozen
-   BatchNorm), DFLeak says so (`features_lost`) and runs as InvertG: random start, no
+   When the update has lost the features (dW / db far larger than any face's features: a
+   FedAvg weight difference below float32's resolution, as for an untrained MobileNetV2 with
+   frozen BatchNorm), DFLeak says so (`features_lost`) and runs as InvertG: random start, no
    restoration (a face prior without evidence only returns a stranger).
 2. Residual facial optimisation (`residual`): the first iteration whose loss is below
    `epsilon` (0.3) fixes, once, a schedule of restoration events spread evenly from there
@@ -70,10 +70,12 @@ class DFLeakConfig(InvertGConfig):
     public_data: str = "synthetic"  # a registered data set (fl_sim.data); synthetic = DCGAN faces
     public_size: int = 100
     public_seed: int = 2024  # a seed no client data set uses, so D_c stays disjoint
-    # Recovered features more than this many times larger or smaller than the candidates'
-    # (median norms) are not the model's: the update lost them (init_search.feature_scale).
+    # Recovered features more than this many times larger than the candidates' (median
+    # norms) are not the model's: the update lost them to rounding (init_search.feature_scale).
     # Then the face prior has no evidence to start from or to restore towards, and DFLeak runs
     # as InvertG (its random start, no residual optimisation) instead of imposing a stranger.
+    # Smaller features are not lost: a defense zeroed some (Soteria 95 %: 0.01-0.02 of the
+    # candidates' norm), and the search ranks by the ones left.
     feature_scale_tolerance: float = 10.0
     # 2. residual facial optimisation
     residual: bool = True
@@ -224,8 +226,7 @@ class DFLeak(InvertG):
             target = recover_features(case.update, case.update_kind, ctx.victim.model, labels)
             feats = candidate_features(ctx.victim, st["public"])
             st["feature_scale"] = feature_scale(target, feats.cpu())
-            tol = cfg.feature_scale_tolerance
-            st["features_lost"] = not 1 / tol <= st["feature_scale"] <= tol
+            st["features_lost"] = st["feature_scale"] > cfg.feature_scale_tolerance
             st["search"] = rank_candidates(target.to(feats.device), feats, cfg.feature_distance)
         st["init_seconds"] = time.perf_counter() - t0
         return ctx

@@ -164,8 +164,8 @@ def rank_candidates(target: torch.Tensor, candidates: torch.Tensor, metric: Dist
 def feature_scale(target: torch.Tensor, candidates: torch.Tensor) -> float:
     """How many times larger the recovered features are than the candidates' (median norms).
 
-    About 1 when the recovery worked. Far from 1 when the update no longer carries the
-    features: a FedAvg weight difference of a model whose features are tiny (an untrained
+    About 1 when the recovery worked; below 1 when a defense zeroed some features (Soteria).
+    Far above 1 when the update no longer carries the features: a FedAvg weight difference of a model whose features are tiny (an untrained
     MobileNetV2 with frozen BatchNorm has feature norms ~1e-8) loses dW below float32's
     resolution of W, and dW / db is rounding noise. The L2 search then ranks the candidates
     by their brightness and picks the darkest face (mean grey 0.08 where the faces average 0.33).
