@@ -48,6 +48,18 @@ def ensure(source: str = DEFAULT_SOURCE, log=print) -> Path:
     python = _python(env)
     if (env / _STAMP).is_file():
         return python
+    from filelock import FileLock
+
+    # Two runs at once (two test suites, bench shards) would each wipe the other's half-built
+    # environment: the second waits for the first and then finds it ready.
+    env.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(env.parent / f"{env.name}.lock")):
+        if (env / _STAMP).is_file():
+            return python
+        return _create(env, python, source, log)
+
+
+def _create(env: Path, python: Path, source: str, log) -> Path:
     log(f"creating breaching's own environment in {env} (once; it shares this project's torch)")
     venv.EnvBuilder(with_pip=True, clear=True).create(env)
     project_site = sysconfig.get_paths()["purelib"]
