@@ -94,15 +94,12 @@ class InProcessGrid(Grid):
         nodes = [msg.metadata.dst_node_id for msg in queued]
         if self.workers == 1 or len(queued) < 2 or len(set(nodes)) < len(nodes):  # a node's Context is not shared
             return [self._handle(msg) for msg in queued]
-        import torch
+        from clients.training import single_thread
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # process-wide: the clients' own single_thread() nests inside it
-        try:
-            with ThreadPoolExecutor(self.workers) as pool:
-                return list(pool.map(self._handle, queued))
-        finally:
-            torch.set_num_threads(threads)
+        # torch's thread count is process-wide: one for all workers (the clients' own
+        # single_thread() then nests inside it), the server's count back afterwards.
+        with single_thread(), ThreadPoolExecutor(self.workers) as pool:
+            return list(pool.map(self._handle, queued))
 
     def _handle(self, msg: Message) -> Message:
         context = self.contexts[msg.metadata.dst_node_id]
