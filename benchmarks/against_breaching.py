@@ -90,7 +90,9 @@ def measure_flsim(cases: str, iterations: int, warmup: int, threads: int, exact:
 
 
 def _run(cmd: list[str], cwd: str | None = None) -> dict[str, Any]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    from benchmarks import breaching_env
+
+    env = breaching_env.run_env({**os.environ, "PYTHONWARNINGS": "ignore"})
     out = subprocess.run(cmd, capture_output=True, text=True, check=False, cwd=cwd, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:3])} ... failed:\n{out.stderr[-3000:]}")

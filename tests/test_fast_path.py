@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,20 @@ def test_bench_against_breaching_runs_both_tools_on_the_same_victims(tmp_path):
     assert low <= row["fast_minus_exact_psnr"] <= high
     # breaching lives in its own environment: the project's does not have it.
     assert subprocess.run([sys.executable, "-c", "import breaching"], capture_output=True, cwd=tmp_path).returncode != 0
+
+
+def test_breaching_environment_follows_whichever_checkout_runs_it(tmp_path):
+    """The cached environment outlives checkouts: a hook left pointing at a deleted clone's
+    site-packages (what an older fl-sim wrote) is rewritten, and the environment sees torch only
+    through the variable the running project passes, never through a path baked into it."""
+    from benchmarks import breaching_env
+
+    python = breaching_env.ensure()
+    hook = breaching_env._site_packages(python) / breaching_env._HOOK_NAME
+    hook.write_text("import site; site.addsitedir('/nonexistent/clone/.venv/lib/site-packages')\n")
+    assert breaching_env.ensure() == python
+    assert "/nonexistent" not in hook.read_text()
+    probe = [str(python), "-c", "import torch, breaching"]
+    assert subprocess.run(probe, capture_output=True, cwd=tmp_path, env=breaching_env.run_env()).returncode == 0
+    bare = {k: v for k, v in os.environ.items() if k != "FL_SIM_PROJECT_SITE"}
+    assert subprocess.run(probe, capture_output=True, cwd=tmp_path, env=bare).returncode != 0
