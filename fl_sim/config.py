@@ -109,6 +109,12 @@ class FederationConfig(Section):
     # How clients run BatchNorm while training: "train" (batch statistics, the usual) or
     # "eval" (frozen running statistics, e.g. for batch-1 clients). Attack cases record it.
     bn_mode: Literal["train", "eval"] = "train"
+    # Where the global model's BatchNorm running statistics come from. "clients": the mean of
+    # the clients' (under bn_mode train they move with every batch; under eval they never
+    # move, and a network trained on frozen start-up statistics diverges). "public": the
+    # server re-estimates them on its public faces (threat.public_data) for the start model
+    # and after every round, so clients with bn_mode eval train a normalised network.
+    bn_statistics: Literal["clients", "public"] = "clients"
     # Central DP of the released model (None: off). It protects the model against those
     # who see it, not the clients against the server: the curious server reads each update
     # before it is clipped, and the attacks see it so.

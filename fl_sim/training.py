@@ -23,6 +23,27 @@ def train_mode(model: nn.Module, bn_mode: str = "train") -> nn.Module:
     return model
 
 
+def calibrate_batchnorm(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
+    """Every BatchNorm layer's running statistics set to the mean and (unbiased) variance of
+    its input over all of `inputs`, in one batch (a few hundred faces: a chunked pass would
+    average the chunks' statistics, not the images'); the weights are untouched."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()  # only BatchNorm in train mode: dropout would draw from the global generator
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = 1.0  # the running statistics become this batch's
+        m.train()
+    with torch.no_grad():
+        model(inputs)
+    for m, momentum in zip(layers, momenta):
+        m.momentum = momentum
+    for m, training in modes:  # each module's own mode back (a client's may be mixed: bn_mode eval)
+        m.training = training
+    return model
+
+
 def fedsgd_gradient(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor,
                     bn_mode: str = "train") -> tuple[dict[str, torch.Tensor], float]:
     """One gradient of the mean cross-entropy at the current weights."""

@@ -28,9 +28,13 @@ from server.attack_runner import Victim
 
 def initial_global_state(config: ExperimentConfig, data: FederatedData) -> dict[str, torch.Tensor]:
     """The global model the server starts from (seeded: the same in every process)."""
+    from server.bn_statistics import server_statistics
+
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, data.num_classes, config.model.weights)
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    statistics = server_statistics(config, data)
+    return statistics(state) if statistics is not None else state
 
 
 def parameter_names(config: ExperimentConfig, data: FederatedData) -> list[str]:

@@ -31,6 +31,7 @@ from fl_sim.models import build_model
 from fl_sim.results import AttackRecord, RoundRecord, RunDirectory
 from fl_sim.training import evaluate
 from server.attack_runner import PUBLIC_SET_FIELDS, AttackRunner, AttackTask, RunnerEvents, Victim
+from server.bn_statistics import server_statistics
 from server.cases import identity_gallery, initial_global_state, make_case
 from server.secure_aggregation import SecureAggregation, SecureRound
 from server.strategy import CuriousFedAvg, central_dp, train_metrics
@@ -216,7 +217,8 @@ class Federation:
         empty = cfg.federation.num_clients - len(self.data.non_empty())
         if empty:
             log.warning("%d of %d clients hold no images and are never sampled", empty, cfg.federation.num_clients)
-        strategy = CuriousFedAvg(cfg, node_of, population, self.param_names, observer=self.observe)
+        strategy = CuriousFedAvg(cfg, node_of, population, self.param_names, observer=self.observe,
+                                 statistics=server_statistics(cfg, self.data))
         self.strategy = strategy
         aggregator = central_dp(cfg, strategy)  # the strategy, or Flower's DP wrapper around it
         secure = None

@@ -8,6 +8,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -37,12 +38,14 @@ class CuriousFedAvg(FedAvg):
     - `screen` checks replies for errors (logged with their reason), sorts them by partition
       id and shows them to the observer; `aggregate_train` then aggregates with FedAvg (or a
       Flower wrapper around this strategy does, e.g. central DP). FedSGD: the aggregate of the clients' gradients is
-      applied as `w <- w - server_lr * sum_k (n_k / n) g_k`; BatchNorm buffers are averaged.
+      applied as `w <- w - server_lr * sum_k (n_k / n) g_k`; BatchNorm buffers are averaged,
+      or re-estimated on the server's public faces (`statistics`, federation.bn_statistics).
     """
 
     def __init__(self, config: ExperimentConfig, node_of_partition: dict[int, int],
                  population: list[int], param_names: list[str],
-                 observer: ReplyObserver | None = None) -> None:
+                 observer: ReplyObserver | None = None,
+                 statistics: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
         # Sampling is ours (configure_train); no federated evaluation is configured (the
         # server evaluates on its test set), so the fractions are unused.
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
@@ -52,6 +55,7 @@ class CuriousFedAvg(FedAvg):
         self.population = population
         self.param_names = list(param_names)  # trainable parameters; the rest are buffers
         self.observer = observer
+        self.statistics = statistics  # the server's own BatchNorm statistics (federation.bn_statistics)
         self.global_arrays: ArrayRecord | None = None
         self.sampled: list[int] = []
         self.failed: list[tuple[int, str]] = []  # (node id, reason) of the last round
@@ -111,6 +115,9 @@ class CuriousFedAvg(FedAvg):
             if np.issubdtype(w.dtype, np.integer):
                 new = np.rint(new)
             out[name] = Array(np.ascontiguousarray(new.astype(w.dtype, copy=False)))
+        if self.statistics is not None:
+            state = self.statistics({k: torch.from_numpy(a.numpy()) for k, a in out.items()})
+            out = {k: Array(np.ascontiguousarray(v.numpy())) for k, v in state.items()}
         return ArrayRecord(out)
 
 def central_dp(config: ExperimentConfig, strategy: CuriousFedAvg):
