@@ -55,13 +55,14 @@ def test_features_recovered_from_fedavg_weight_difference():
 
 def _fedavg_victims(model: str, bn_mode: str, clients: list[int]):
     """Real FedAvg cases from the demo's federation (ORL 64 px): 2 local steps on 2-image
-    batches, so each update mixes 4 images of one person."""
+    batches, so each update mixes 4 images of one person; the untrained model keeps
+    BatchNorm's start-up statistics (the case in which MobileNetV2's features vanish)."""
     from fl_sim.config import load_config
     from server.cases import simulate_victims
 
     config = load_config("configs/demo.yaml", [f"model.name={model}", "federation.algorithm=fedavg",
                                                "federation.batch_size=2", "federation.local_steps=2",
-                                               f"federation.bn_mode={bn_mode}"])
+                                               f"federation.bn_mode={bn_mode}", "federation.bn_statistics=clients"])
     return simulate_victims(config, clients)
 
 
