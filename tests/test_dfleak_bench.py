@@ -111,8 +111,8 @@ def test_bench_refuses_to_overwrite_and_names_bad_settings(tmp_path, capsys):
 # One case pipeline: the benchmark's cases are the federation's
 
 
-@pytest.mark.parametrize("model, bn_mode, batch", [("resnet18", "eval", 1), ("resnet18", "train", 2),
-                                                   ("mobilenet_v2", "eval", 1), ("mobilenet_v2", "train", 2)])
+@pytest.mark.parametrize("model, bn_mode, batch", [("resnet18", "eval", 1), ("resnet18", "train", 3),
+                                                   ("mobilenet_v2", "eval", 1), ("mobilenet_v2", "train", 3)])
 def test_bench_cases_equal_the_federations(tmp_path, model, bn_mode, batch):
     """The cases `simulate_victims` builds without Flower are exactly what the strategy hands
     the attacks in a real (in-process Flower) run of the same config, defenses included."""
