@@ -111,9 +111,10 @@ class FederationConfig(Section):
     bn_mode: Literal["train", "eval"] = "train"
     # Where the global model's BatchNorm running statistics come from. "clients": the mean of
     # the clients' (under bn_mode train they move with every batch; under eval they never
-    # move, and a network trained on frozen start-up statistics diverges). "public": the
-    # server re-estimates them on its public faces (threat.public_data) for the start model
-    # and after every round, so clients with bn_mode eval train a normalised network.
+    # move: on the start-up statistics the network barely learns, measured at chance after
+    # 30 rounds). "public": the server re-estimates them on its public faces
+    # (threat.public_data) for the start model and after every round, so clients with
+    # bn_mode eval train a normalised network.
     bn_statistics: Literal["clients", "public"] = "clients"
     # Central DP of the released model (None: off). It protects the model against those
     # who see it, not the clients against the server: the curious server reads each update
