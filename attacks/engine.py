@@ -35,6 +35,7 @@ from attacks.base import Attack, AttackResult, Progress, StopFlag, report, stopp
 from attacks.case import AttackCase
 from attacks.expanded import supports
 from attacks.labels import case_labels
+from fl_sim.training import batchnorm_layers
 
 Objective = Literal["l2", "cosine", "cosine-layer"]
 Schedule = Literal["none", "step", "cosine"]
@@ -52,7 +53,7 @@ class VictimModel:
         self.case = case
         self.device = torch.device(device)
         model = case.build_model()
-        self.bn_modules = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        self.bn_modules = batchnorm_layers(model)
         # The server's running statistics: the prior of the BatchNorm regulariser.
         self.bn_running = [(m.running_mean.detach().clone().to(self.device),
                             m.running_var.detach().clone().to(self.device))

@@ -184,10 +184,16 @@ BENCHES = {
 }
 
 
-def cmd_restorer_train(args: argparse.Namespace) -> int:
-    from attacks.restorers.train import main as train_main
+RESTORER_TRAINERS = {  # action -> module with main(argv)
+    "train": "attacks.restorers.train",  # the DDPM face model of `restorer: diffusion`
+    "train-artefact": "attacks.restorers.artefact_train",  # the network of `restorer: artefact-net`
+}
 
-    return int(train_main(args.rest) or 0)
+
+def cmd_restorer_train(args: argparse.Namespace) -> int:
+    import importlib
+
+    return int(importlib.import_module(RESTORER_TRAINERS[args.action]).main(args.rest) or 0)
 
 
 # ---------------------------------------------------------------------------------------
@@ -342,8 +348,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.set_defaults(fn=cmd_bench)
 
     restorer = sub.add_parser("restorer", help="DFLeak's face restorers: `restorer train` trains the offline "
-                                               "diffusion model on public faces")
-    restorer.add_argument("action", choices=["train"])
+                                               "diffusion model on public faces, `restorer train-artefact CONFIG` "
+                                               "the artefact-removal network on the attacker's own attacks")
+    restorer.add_argument("action", choices=sorted(RESTORER_TRAINERS))
     restorer.add_argument("rest", nargs=argparse.REMAINDER, help="options of the action (train --help lists them)")
     restorer.set_defaults(fn=cmd_restorer_train)
 

@@ -13,13 +13,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
+    """Every BatchNorm layer of `model` (1d, 2d, 3d, sync), in module order."""
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def train_mode(model: nn.Module, bn_mode: str = "train") -> nn.Module:
     """model.train(), with BatchNorm frozen on its running statistics when bn_mode is "eval"."""
     model.train()
     if bn_mode == "eval":
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.eval()
+        for m in batchnorm_layers(model):
+            m.eval()
     return model
 
 
@@ -27,7 +31,7 @@ def calibrate_batchnorm(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
     """Every BatchNorm layer's running statistics set to the mean and (unbiased) variance of
     its input over all of `inputs`, in one batch (a few hundred faces: a chunked pass would
     average the chunks' statistics, not the images'); the weights are untouched."""
-    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    layers = batchnorm_layers(model)
     momenta = [m.momentum for m in layers]
     modes = [(m, m.training) for m in model.modules()]
     model.eval()  # only BatchNorm in train mode: dropout would draw from the global generator

@@ -21,19 +21,23 @@ from attacks.case import AttackCase
 from clients.messages import TrainReply
 from clients.training import local_update
 from fl_sim.config import ExperimentConfig
+from server.bn_statistics import PublicStatistics, server_statistics
 from fl_sim.federated_data import FederatedData, client_sample, federated_data, stack
 from fl_sim.models import build_model
 from server.attack_runner import Victim
 
 
-def initial_global_state(config: ExperimentConfig, data: FederatedData) -> dict[str, torch.Tensor]:
-    """The global model the server starts from (seeded: the same in every process)."""
-    from server.bn_statistics import server_statistics
+def initial_global_state(config: ExperimentConfig, data: FederatedData,
+                         statistics: PublicStatistics | None = None) -> dict[str, torch.Tensor]:
+    """The global model the server starts from (seeded: the same in every process).
 
+    `statistics`: the server's BatchNorm re-estimation when the caller has built it already
+    (the federation shares one with its strategy); otherwise built here from the config."""
     torch.manual_seed(config.seed)
     model = build_model(config.model.name, data.num_classes, config.model.weights)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    statistics = server_statistics(config, data)
+    if statistics is None:
+        statistics = server_statistics(config, data)
     return statistics(state) if statistics is not None else state
 
 

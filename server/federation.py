@@ -140,7 +140,9 @@ class Federation:
         # thread, and a SQLite connection belongs to the thread that opened it.
         self.run = RunDirectory(job.run.path)
         self.data: FederatedData = federated_data(self.config)
-        self.initial_state = initial_global_state(self.config, self.data)
+        # Built once: it loads the public faces and a model (bn_statistics: public; else None).
+        self.statistics = server_statistics(self.config, self.data)
+        self.initial_state = initial_global_state(self.config, self.data, self.statistics)
         self.model = build_model(self.config.model.name, self.data.num_classes)  # for evaluation
         self.param_names = [n for n, _ in self.model.named_parameters()]
         self.display: Display | None = None
@@ -218,7 +220,7 @@ class Federation:
         if empty:
             log.warning("%d of %d clients hold no images and are never sampled", empty, cfg.federation.num_clients)
         strategy = CuriousFedAvg(cfg, node_of, population, self.param_names, observer=self.observe,
-                                 statistics=server_statistics(cfg, self.data))
+                                 statistics=self.statistics)
         self.strategy = strategy
         aggregator = central_dp(cfg, strategy)  # the strategy, or Flower's DP wrapper around it
         secure = None

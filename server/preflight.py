@@ -57,9 +57,9 @@ def _check_batchnorm_batches(config: ExperimentConfig, data) -> None:
     on batches of 2: weights at 1e21 after two local steps, NaN loss in round 1); with 1 torch
     refuses. The smallest feature map a BatchNorm layer sees comes from one dry forward pass."""
     import torch
-    from torch import nn
 
     from fl_sim.models import build_model
+    from fl_sim.training import batchnorm_layers
 
     fed = config.federation
     sizes = [len(p) for p in data.partitions if len(p) > 0]
@@ -68,7 +68,7 @@ def _check_batchnorm_batches(config: ExperimentConfig, data) -> None:
     model = build_model(config.model.name, data.num_classes)
     seen: list[int] = []
     hooks = [m.register_forward_pre_hook(lambda _m, args: seen.append(args[0][0, 0].numel()))
-             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+             for m in batchnorm_layers(model)]
     try:
         with torch.no_grad():
             model.eval()(torch.zeros(1, *data.image_shape))

@@ -12,6 +12,9 @@ Registered restorers (`build_restorer(name, public=..., **params)`):
   UNet comes from a local diffusers directory, a hub id, or (offline default) the model
   `fl-sim restorer train` writes.
 - `eigenface`: projection onto the principal subspace of the attacker's public faces.
+- `artefact-net`: a small UNet that removes gradient inversion's own artefacts, trained by the
+  attacker on its own attacks of its public faces (`fl-sim restorer train-artefact CONFIG`);
+  it cleans the reconstruction instead of replacing it with a face of the prior's.
 - `none`: identity.
 
 Each restorer has a typed `Config` (dataclass); an unknown setting is a ValueError naming the
@@ -66,7 +69,8 @@ class BaseRestorer:
 
 
 RESTORERS: Registry[type[BaseRestorer]] = Registry(
-    "restorer", builtin=("attacks.restorers.gan_prior", "attacks.restorers.diffusion", "attacks.restorers.eigenface"))
+    "restorer", builtin=("attacks.restorers.gan_prior", "attacks.restorers.diffusion", "attacks.restorers.eigenface",
+             "attacks.restorers.artefact"))
 register_restorer = RESTORERS.register
 
 
