@@ -508,3 +508,18 @@ def test_pixel_schedule_slows_replaced_pixels(mode):
         ratios[schedule] = float(replaced / others)
     assert 0.05 <= ratios[True] <= 0.2, ratios
     assert 0.7 <= ratios[False] <= 1.4, ratios
+
+
+def test_final_restoration_restores_the_selected_image_once_more():
+    """final_restoration: the result is the restorer's output for the image `select` chose, which
+    stays in the variants as "unrestored" (a plain run returns that image itself)."""
+    image = _faces(1, 32, seed=111)
+    case = make_case("lenet", 10, image, torch.tensor([3]), seed=4)
+    settings = dict(public_images=_faces(6, 32, seed=112), iterations=20, epsilon=10.0, restorer="test-constant",
+                    select="final", pixel_schedule=False, shares=(0.0, 1.0))  # 10 steps after the last event
+    plain = DFLeak(DFLeakConfig(**settings)).run(case)
+    result = DFLeak(DFLeakConfig(**settings, final_restoration=True)).run(case)
+    assert "unrestored" in result.variants and "unrestored" not in plain.variants
+    torch.testing.assert_close(result.variants["unrestored"], plain.images, atol=1e-6, rtol=0)
+    assert not torch.allclose(plain.images, torch.full_like(plain.images, 0.25), atol=1e-3)  # moved after the event
+    torch.testing.assert_close(result.images, torch.full_like(result.images, 0.25), atol=1e-6, rtol=0)
