@@ -186,7 +186,7 @@ BENCHES = {
 
 RESTORER_TRAINERS = {  # action -> module with main(argv)
     "train": "attacks.restorers.train",  # the DDPM face model of `restorer: diffusion`
-    "train-artefact": "attacks.restorers.artefact_train",  # the network of `restorer: artefact-net`
+    "train-artefact": "server.artefact_training",  # the network of `restorer: artefact-net`
 }
 
 

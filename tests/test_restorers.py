@@ -162,7 +162,7 @@ ARTEFACT_RUN = ["configs/bench/dfleak.yaml", "data.image_size=32", "--faces", "8
 @pytest.fixture(scope="module")
 def artefact_dir(tmp_path_factory):
     """A small artefact-net: 8 public faces attacked for 20 iterations at 32 px, 300 steps."""
-    from attacks.restorers.artefact_train import main
+    from server.artefact_training import main
 
     out = tmp_path_factory.mktemp("artefact")
     assert main(ARTEFACT_RUN + ["--out", str(out), "--steps", "300", "--checkpoint-every", "100"]) == 0
@@ -199,7 +199,7 @@ def test_artefact_net_learns_to_undo_the_attacks_artefacts(artefact_dir):
 def test_artefact_training_resumes_without_attacking_again(artefact_dir):
     import json
 
-    from attacks.restorers.artefact_train import main
+    from server.artefact_training import main
 
     bank = artefact_dir / "bank.pt"
     made = bank.stat().st_mtime_ns
@@ -210,7 +210,7 @@ def test_artefact_training_resumes_without_attacking_again(artefact_dir):
 
 
 def test_artefact_training_rejects_snapshots_past_the_run(tmp_path, capsys):
-    from attacks.restorers.artefact_train import main
+    from server.artefact_training import main
 
     assert main(ARTEFACT_RUN[:4] + ["--iterations", "20", "--snapshots", "10,40", "--out", str(tmp_path)]) == 2
     assert "--snapshots must lie in 1..--iterations (20)" in capsys.readouterr().err

@@ -4,8 +4,8 @@ The GAN and diffusion priors replace a reconstruction with the nearest face *the
 which on ORL is a look-alike, not the victim. This restorer only undoes the attack's own
 artefacts: a small convolutional network (a three-level UNet predicting a residual) that the
 attacker trains offline, on its own public faces, to map the images *its own attack* returns
-for those faces back to the faces (`fl-sim restorer train-artefact`, `attacks/restorers/
-artefact_train.py`). Being local and residual, it keeps what the gradient has recovered (the
+for those faces back to the faces (`fl-sim restorer train-artefact`,
+`server/artefact_training.py`: it needs the server's case pipeline). Being local and residual, it keeps what the gradient has recovered (the
 pose, the glasses, the shape of the face) and removes the grain and the colour noise.
 
 Weights. The network is trained for one model and resolution (the ones its training config
@@ -18,6 +18,7 @@ colour image channel by channel. `model: null` loads the weights that ship with 
 (ResNet18 at its seeded start, ORL's grey 64 px normalisation, BatchNorm frozen; 64 DCGAN
 faces of seed 4242 attacked for 600 iterations; 18 min of attacks and 6 min of training on 2
 cores; the same command reproduces them up to floating-point differences between CPUs).
+A Flower app bundle carries text files only, so under `flwr run` give `restorer_params.model`.
 For another model or resolution, train your own (it writes `<FL_SIM_HOME>/restorers/
 artefact-net/restorer.pt`) and set `restorer_params.model` to it.
 """
