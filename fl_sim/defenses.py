@@ -19,7 +19,6 @@ server/secure_aggregation.py).
 """
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, TypeAlias
@@ -366,9 +365,9 @@ class SoteriaConfig:
             raise ValueError(f"probes must be >= 0, got {self.probes}")
 
 
-# Forward-mode AD's dual levels are process-wide: clients in threads of one process (the
-# in-process grid's workers) take turns inside one.
-_FORWARD_AD = threading.Lock()
+# Soteria's probes: the step of the central difference, in the units of the normalised inputs
+# (about unit variance). float32 keeps about 4 significant digits of (Jv) at this step.
+_PROBE_STEP = 1e-3
 
 
 @register_defense("soteria")
@@ -381,7 +380,7 @@ class Soteria(Defense):
     gradient). Every other parameter's update is sent unchanged.
 
     Exact scores need one backward pass per feature and image (512 for ResNet18); with
-    `probes: k` the row norms come from k forward-mode Jacobian-vector products with Gaussian
+    `probes: k` the row norms come from k Jacobian-vector products (central differences) with Gaussian
     probes (E[(J v)_f^2] = ||dr_f/dx||^2), which is what a federation of FedAvg clients can
     afford. The scores are computed at `ctx.model` on `ctx.inputs`, BatchNorm on its running
     statistics."""
@@ -445,16 +444,24 @@ class Soteria(Defense):
         return norms, r.detach()
 
     def _estimated(self, model, inputs, captured, generator):
-        import torch.autograd.forward_ad as fwad
-
+        # Central differences of r along k Gaussian probes v: (r(x + hv) - r(x - hv)) / 2h = Jv.
+        # Plain forward passes rather than forward-mode AD: its dual levels are process-wide,
+        # so clients in threads of one process (the in-process grid's workers) had to take
+        # turns, and a FedAvg round under Soteria ran on one core. In eval mode a ReLU network
+        # is piecewise linear in x, so the difference is the JVP itself wherever no unit
+        # switches within the step (and within O(h^2) of it for smooth activations).
         k, n = self.config.probes, len(inputs)
-        x = inputs.detach().repeat(k, *([1] * (inputs.dim() - 1)))
-        v = torch.randn(x.shape, generator=generator).to(x.dtype)
-        with _FORWARD_AD, torch.no_grad(), fwad.dual_level():
-            model(fwad.make_dual(x, v))
-            r, jv = fwad.unpack_dual(captured[-1])
+        x = inputs.detach()
+        v = torch.randn((k * n, *x.shape[1:]), generator=generator).to(x.dtype)
+        tiled = x.repeat(k, *([1] * (x.dim() - 1)))
+        with torch.no_grad():
+            model(x)
+            model(tiled + _PROBE_STEP * v)
+            model(tiled - _PROBE_STEP * v)
+        r, up, down = captured[-3:]
+        jv = (up - down) / (2 * _PROBE_STEP)
         norms = jv.view(k, n, -1).pow(2).mean(0).sqrt()
-        return norms, r.view(k, n, -1)[0]
+        return norms, r
 
 
 @dataclass

@@ -170,7 +170,7 @@ def test_soteria_zeroes_the_fc_columns_of_the_most_revealing_features():
 
 
 def test_soteria_probes_estimate_the_exact_mask():
-    """Forward-mode probes pick nearly the same features as the exact Jacobian (measured on
+    """Random probes pick nearly the same features as the exact Jacobian (measured on
     ResNet18 at 64 px: 97 % of the mask with 16 probes, 98 % with 64)."""
     model, inputs, update, ctx = _soteria_setup()
     exact = apply_on_update(_defenses(("soteria", {"rate": 0.5})), update, ctx)["fc.weight"] == 0
@@ -379,3 +379,34 @@ def test_adaptive_attack_on_victims_together_equals_one_by_one():
         assert t.final_loss == pytest.approx(a.final_loss, rel=1e-3)
         ctx = naive.prepare(case)  # the same image matched without the defense's model scores otherwise
         assert naive.score(ctx, t.images) != pytest.approx(t.final_loss, rel=1e-2)
+
+
+def test_soteria_probes_are_the_jacobian_vector_products():
+    """The probes' central differences are r's JVPs along the same directions (autograd's
+    forward mode as the reference) on ResNet18: equal to float precision wherever no ReLU
+    switches within the step, and the features they select are the JVPs' (measured on
+    ResNet18 at 64 px, 16 probes: 99.5-100 % of the mask at rate 0.4, 100 % at 0.8)."""
+    import torch.autograd.forward_ad as fwad
+
+    from fl_sim.defenses import Soteria, SoteriaConfig
+    from fl_sim.models import build_model, last_linear
+
+    torch.manual_seed(0)
+    model = build_model("resnet18", 10).eval()
+    inputs = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    captured = []
+    hook = last_linear(model).register_forward_pre_hook(lambda m, args: captured.append(args[0]))
+    probes = 8
+    norms, r = Soteria(SoteriaConfig(rate=0.5, probes=probes))._estimated(model, inputs, captured,
+                                                                         torch.Generator().manual_seed(2))
+    v = torch.randn((2 * probes, 3, 32, 32), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), fwad.dual_level():
+        model(fwad.make_dual(inputs.repeat(probes, 1, 1, 1), v))
+        r_ad, jv = fwad.unpack_dual(captured[-1])
+    hook.remove()
+    expected = jv.view(probes, 2, -1).pow(2).mean(0).sqrt()
+    torch.testing.assert_close(r, r_ad[:2], rtol=1e-5, atol=1e-6)
+    relative = ((norms - expected).abs() / expected.clamp_min(1e-6)).flatten()
+    assert float(relative.median()) < 0.01, float(relative.median())
+    lowest = lambda n: set(torch.argsort((n / r.abs().clamp_min(1e-12)).sum(0))[:256].tolist())  # noqa: E731
+    assert len(lowest(norms) & lowest(expected)) / 256 > 0.95
