@@ -33,6 +33,10 @@ from attacks.restorers.artefact import WEIGHTS, RestorationNet, default_model_di
 
 BANK = "bank.pt"
 CHECKPOINT = "checkpoint.pt"
+# What each stage's result depends on: a resumed run must have the same values, or it would
+# silently train on another run's artefacts (or load a checkpoint of another network).
+BANK_OPTIONS = ("config", "overrides", "faces", "face_seed", "iterations", "snapshots", "seed")
+TRAINING_OPTIONS = ("width", "batch", "lr", "transplant", "held_out", "seed")  # --steps may grow
 
 
 @dataclass
@@ -141,13 +145,21 @@ def make_bank(settings: ArtefactSettings, progress: bool = True) -> dict:
     console.print(f"artefacts: done in {seconds:.0f} s ({len(cases) * settings.iterations / seconds:.1f} "
                   "victim-iterations/s)")
     return {"faces": faces, "iterates": iterates, "snapshots": snapshots, "labels": labels,
-            "seconds": seconds, "model": config.model.name, "weights": config.model.weights,
+            "seconds": seconds, "settings": {k: getattr(settings, k) for k in BANK_OPTIONS}, "model": config.model.name, "weights": config.model.weights,
             "image_shape": list(template.image_shape), "bn_mode": template.bn_mode}
 
 
 # --------------------------------------------------------------------------------------------
 # 2. training
 # --------------------------------------------------------------------------------------------
+def check_resumed(recorded: dict, settings: ArtefactSettings, options: tuple[str, ...], what: str) -> None:
+    """Stop with the options whose values differ from the ones `what` was made with."""
+    differ = [o for o in options if o in recorded and recorded[o] != getattr(settings, o)]
+    if differ:
+        listed = ", ".join(f"--{o.replace('_', '-')} {recorded[o]!r} (now {getattr(settings, o)!r})" for o in differ)
+        raise ValueError(f"{what} was made with {listed}; resume with the same values or choose another --out")
+
+
 def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     mse = ((a - b) ** 2).flatten(1).mean(1).clamp_min(1e-10)
     return -10 * torch.log10(mse)
@@ -192,6 +204,9 @@ def train(settings: ArtefactSettings, resume: bool = False, progress: bool = Tru
     bank_path = out / BANK
     if bank_path.exists():
         bank = torch.load(bank_path, weights_only=False)
+        # banks made before the settings were recorded carry at least their snapshots and size
+        recorded = bank.get("settings", {"snapshots": ",".join(map(str, bank["snapshots"])), "faces": len(bank["faces"])})
+        check_resumed(recorded, settings, BANK_OPTIONS, f"{bank_path}")
         console.print(f"artefacts: reusing {bank_path.name} ({len(bank['faces'])} faces)")
     else:
         bank = make_bank(settings, progress)
@@ -211,6 +226,7 @@ def train(settings: ArtefactSettings, resume: bool = False, progress: bool = Tru
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
         state = torch.load(ckpt, weights_only=False)
+        check_resumed(state.get("settings", {}), settings, TRAINING_OPTIONS, f"{ckpt}")
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
@@ -288,13 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from rich.console import Console
+    from attacks.restorers.train import run_training_command
 
-    console = Console(stderr=True)
     args = build_parser().parse_args(argv)
     values = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")}
     values["out"] = values["out"] or ""
-    try:
+
+    def work() -> str:
         settings = ArtefactSettings(**values)
         settings.snapshot_list()
         if min(settings.faces, settings.steps, settings.batch, settings.width, settings.checkpoint_every,
@@ -303,16 +319,11 @@ def main(argv: list[str] | None = None) -> int:
         if settings.faces < 2:
             raise ValueError("--faces must be >= 2 (one is held out)")
         summary = train(settings, resume=args.resume, progress=not args.no_progress)
-    except (ValueError, FileExistsError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
-        return 2
-    except KeyboardInterrupt:
-        console.print("interrupted; the checkpoint is saved (continue with --resume)")
-        return 130
-    where = Path(settings.out or default_model_dir()) / WEIGHTS
-    console.print(f"artefact-net: [bold]{where}[/] (sha256 {summary['sha256'][:16]}...); use it with "
-                  f"restorer: artefact-net, restorer_params: {{model: {where}}}")
-    return 0
+        where = Path(settings.out or default_model_dir()) / WEIGHTS
+        return (f"artefact-net: [bold]{where}[/] (sha256 {summary['sha256'][:16]}...); use it with "
+                f"restorer: artefact-net, restorer_params: {{model: {where}}}")
+
+    return run_training_command(work)
 
 
 if __name__ == "__main__":

@@ -209,6 +209,21 @@ def test_artefact_training_resumes_without_attacking_again(artefact_dir):
     assert json.loads((artefact_dir / "training.json").read_text())["steps"] == 310
 
 
+def test_artefact_training_resume_refuses_other_settings(artefact_dir, capsys):
+    """A resumed run with another bank or network setting stops before attacking or training,
+    naming the option, and leaves the run directory as it was."""
+    from server.artefact_training import main
+
+    before = {p.name: p.stat().st_mtime_ns for p in artefact_dir.iterdir()}
+    faces = ARTEFACT_RUN.index("--faces") + 1
+    other_faces = ARTEFACT_RUN[:faces] + ["6"] + ARTEFACT_RUN[faces + 1:]
+    assert main(other_faces + ["--out", str(artefact_dir), "--steps", "310", "--resume"]) == 2
+    assert "--faces 8 (now 6)" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    assert main(ARTEFACT_RUN + ["--out", str(artefact_dir), "--width", "16", "--steps", "310", "--resume"]) == 2
+    assert "--width 8 (now 16)" in " ".join(capsys.readouterr().err.split())
+    assert {p.name: p.stat().st_mtime_ns for p in artefact_dir.iterdir()} == before
+
+
 def test_artefact_training_rejects_snapshots_past_the_run(tmp_path, capsys):
     from server.artefact_training import main
 

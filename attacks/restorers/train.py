@@ -19,6 +19,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -235,33 +236,43 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_training_command(work: Callable[[], str]) -> int:
+    """A trainer command's exit: bad settings are one error line and code 2, Ctrl-C leaves the
+    saved checkpoint and code 130; `work` validates, trains and returns the closing line."""
     from rich.console import Console
 
     console = Console(stderr=True)
-    args = build_parser().parse_args(argv)
-    if args.out is None:
-        from attacks.restorers.diffusion import default_model_dir
-
-        args.out = str(default_model_dir())
-    values = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")}
     try:
-        settings = TrainSettings(**values)
-        settings.channel_list()
-        if settings.size < 8 or settings.size % (2 ** (len(settings.channel_list()) - 1)):
-            raise ValueError(f"--size {settings.size} must be >= 8 and divisible by "
-                             f"{2 ** (len(settings.channel_list()) - 1)} for {len(settings.channel_list())} blocks")
-        if settings.steps < 1 or settings.batch < 1 or settings.checkpoint_every < 1:
-            raise ValueError("--steps, --batch and --checkpoint-every must be >= 1")
-        out = train(settings, resume=args.resume, progress=not args.no_progress)
+        done = work()
     except (ValueError, FileExistsError) as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
     except KeyboardInterrupt:
         console.print("interrupted; the checkpoint is saved (continue with --resume)")
         return 130
-    console.print(f"diffusion face model: [bold]{out}[/] (restorer `diffusion` loads it by default)")
+    console.print(done)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.out is None:
+        from attacks.restorers.diffusion import default_model_dir
+
+        args.out = str(default_model_dir())
+    values = {k: v for k, v in vars(args).items() if k not in ("resume", "no_progress")}
+
+    def work() -> str:
+        settings = TrainSettings(**values)
+        blocks = len(settings.channel_list())
+        if settings.size < 8 or settings.size % (2 ** (blocks - 1)):
+            raise ValueError(f"--size {settings.size} must be >= 8 and divisible by {2 ** (blocks - 1)} for {blocks} blocks")
+        if settings.steps < 1 or settings.batch < 1 or settings.checkpoint_every < 1:
+            raise ValueError("--steps, --batch and --checkpoint-every must be >= 1")
+        out = train(settings, resume=args.resume, progress=not args.no_progress)
+        return f"diffusion face model: [bold]{out}[/] (restorer `diffusion` loads it by default)"
+
+    return run_training_command(work)
 
 
 if __name__ == "__main__":
