@@ -36,7 +36,7 @@ from datetime import datetime
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-METRICS = ("psnr", "mse", "lpips", "ssim", "id_similarity", "id_rank1")
+METRICS = ("psnr", "mse", "lpips", "ssim", "id_similarity", "id_rank1", "id_rank")
 BENCH_FILE = "bench.json"
 
 # DFLeak paper, Table II (ResNet18 gender classifier, batch 1) and Table V (CelebA-HQ 112).
@@ -201,20 +201,21 @@ def describe(config, split: str, victims: list[int], iterations) -> str:
             "Rows named `method [policy]` are the same runs returned by another `select` policy. "
             f"Rank-1: the critic ({config.metrics.id_backend}) names the victim first among all "
             f"{len({i for i in federated_data(config).dataset.identities.tolist() if i >= 0})} identities of the data set, each known "
-            "from its other images (chance: one in that many).")
+            "from its other images (chance: one in that many); id rank: the victim's place in the critic's "
+            "ordering of them (a reconstruction that carries no identity lands near the middle).")
 
 
 def markdown(agg, comparisons, header: str) -> str:
     from fl_sim.stats import comparison_markdown
 
     lines = [header, "", "Mean ± std over victims:", "",
-             "| method | PSNR ↑ | MSE ↓ | LPIPS ↓ | SSIM ↑ | id similarity ↑ | rank-1 ↑ | s / victim | victim-it/s | n |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| method | PSNR ↑ | MSE ↓ | LPIPS ↓ | SSIM ↑ | id similarity ↑ | rank-1 ↑ | id rank ↓ | s / victim | victim-it/s | n |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for _, r in agg.iterrows():
         lines.append(f"| {r['attack']} | {r['psnr_mean']:.2f} ± {r['psnr_std']:.2f} | {r['mse_mean']:.4f} | "
                      f"{r['lpips_mean']:.3f} ± {r['lpips_std']:.3f} | {r['ssim_mean']:.3f} | "
                      f"{r['id_similarity_mean']:.3f} ± {r['id_similarity_std']:.3f} | {r['id_rank1_mean']:.0%} | "
-                     f"{r['seconds_mean']:.0f} | {r['victim_it_per_s']:.1f} | "
+                     f"{r['id_rank_mean']:.1f} | {r['seconds_mean']:.0f} | {r['victim_it_per_s']:.1f} | "
                      f"{int(r['victims'])} |")
     speed = dict(zip(agg["attack"], agg["victim_it_per_s"]))
     if "dfleak" in speed and "invertg" in speed:
@@ -277,6 +278,7 @@ def report_sections(agg, comparisons, header: str, grid_png: Path) -> list[tuple
         "SSIM ↑": agg["ssim_mean"].map("{:.3f}".format),
         "id similarity ↑": agg["id_similarity_mean"].map("{:.3f}".format),
         "rank-1 ↑": agg["id_rank1_mean"].map("{:.0%}".format),
+        "id rank ↓": agg["id_rank_mean"].map("{:.1f}".format),
         "s / victim": agg["seconds_mean"].map("{:.0f}".format),
         "victim-it/s": agg["victim_it_per_s"].map("{:.1f}".format),
     })

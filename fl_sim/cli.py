@@ -177,6 +177,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 BENCHES = {
     "attack": "benchmarks.attack_speed",
     "central": "benchmarks.central",
+    "critic": "benchmarks.critic_calibration",
     "federation": "benchmarks.federation_speed",
     "dfleak": "benchmarks.dfleak_table",
     "oracle": "benchmarks.oracle_speed",

@@ -176,12 +176,17 @@ def image_metrics(recon: torch.Tensor, truth: torch.Tensor, names: list[str] | N
                   id_backend: str | None = None, gallery: IdentityGallery | None = None,
                   truth_index: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Every named metric per image, after matching the batch to the ground truth; with a
-    gallery and the truth's data set indices, also rank-1 re-identification (1 or 0)."""
+    gallery and the truth's data set indices, also the victim's rank among the identities
+    (`id_rank`, 1 = named first) and rank-1 re-identification (`id_rank1`, 1 or 0)."""
     order = match_to_truth(recon, truth)
     recon = recon.detach().cpu()[torch.as_tensor(order)]
     out = {n: METRICS[n](recon, truth).numpy() for n in (names or list(METRICS))}
     if id_backend:
         out["id_similarity"] = id_similarity(recon, truth, id_backend).numpy()
     if gallery is not None and truth_index is not None:
-        out["id_rank1"] = (gallery.ranks(recon, truth_index) == 1).astype(np.float64)
+        ranks = gallery.ranks(recon, truth_index).astype(np.float64)
+        out["id_rank1"] = (ranks == 1).astype(np.float64)
+        # the rank itself: with a few victims rank-1 is all or nothing, while "the victim is
+        # the critic's 3rd guess of 40" already narrows who the client is
+        out["id_rank"] = ranks
     return out

@@ -21,7 +21,7 @@ from fl_sim.results import RunDirectory  # noqa: E402
 from fl_sim.stats import HIGHER_IS_BETTER, PairedComparison, paired_comparisons  # noqa: E402
 from fl_sim.stats import _TABLE_COLUMNS, _caption, _cells  # noqa: E402
 
-IMAGE_METRICS = ["psnr", "mse", "ssim", "lpips", "id_similarity", "id_rank1", "label_accuracy"]
+IMAGE_METRICS = ["psnr", "mse", "ssim", "lpips", "id_similarity", "id_rank1", "id_rank", "label_accuracy"]
 PAIRED_METRICS = ("psnr", "ssim", "lpips", "id_similarity")
 
 

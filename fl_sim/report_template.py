@@ -42,7 +42,8 @@ REPORT_TEMPLATE = """<!doctype html>
 <p class="sub">Means over victims. SSIM is the standard Gaussian-window SSIM; LPIPS is v0.1 on AlexNet;
  id_similarity is the cosine similarity of face embeddings (critic model named in the config);
  id_rank1 the share of reconstructions whose most similar identity among all of the data set's
- (each known from its other photos) is the victim's.</p>
+ (each known from its other photos) is the victim's; id_rank the victim's place in that ordering
+ (1: named first; a reconstruction that carries no identity lands near the middle).</p>
 {% else %}<p>No attack results yet.</p>{% endif %}
 
 {% if paired %}

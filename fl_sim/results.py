@@ -48,6 +48,7 @@ class AttackRecord:
     lpips: float = float("nan")
     id_similarity: float = float("nan")
     id_rank1: float = float("nan")  # share of the images whose critic rank-1 identity is the victim's
+    id_rank: float = float("nan")  # the victim's rank among all identities by the critic (1 best; mean over images)
     label_accuracy: float = float("nan")
     iterations: int = 0
     seconds: float = 0.0

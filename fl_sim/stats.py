@@ -23,6 +23,7 @@ HIGHER_IS_BETTER: dict[str, bool] = {
     "lpips": False,
     "id_similarity": True,
     "id_rank1": True,
+    "id_rank": False,
     "label_accuracy": True,
     "oracle_similarity": True,
     "critic_similarity": True,
@@ -44,6 +45,8 @@ TIE_TOLERANCE: dict[str, float] = {
     "id_similarity": 0.01,
     # a share of re-identified images: any difference is a whole image, so only equality ties
     "id_rank1": 0.0,
+    # a rank moves by whole places: only equality ties
+    "id_rank": 0.0,
     # a fraction of a batch's labels: any difference is a whole label, so only equality ties
     "label_accuracy": 0.0,
     # the black-box attacks' scores: cosines, as id_similarity; rank-1 is a hit or a miss

@@ -53,7 +53,7 @@ def printing_events(who: Callable[[int], str] = "client {}".format, every: float
 
     def on_done(task, rec: AttackRecord):
         print(f"{indent}  {rec.attack} on client {rec.client}: psnr {rec.psnr:.2f} ssim {rec.ssim:.3f} lpips {rec.lpips:.3f} "
-              f"id {rec.id_similarity:.3f} rank-1 {rec.id_rank1:.2f} labels {rec.label_accuracy:.2f}  "
+              f"id {rec.id_similarity:.3f} rank-1 {rec.id_rank1:.2f} (rank {rec.id_rank:.1f}) labels {rec.label_accuracy:.2f}  "
               f"{rec.seconds:.0f} s", flush=True)
 
     return RunnerEvents(on_start, on_iteration, on_done)

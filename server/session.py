@@ -88,12 +88,12 @@ def print_summary(run: RunDirectory, console: Console, seconds: float | None = N
     metrics = run.metrics_frame()
     if len(metrics):
         t = Table(title="attacks (mean over victims)")
-        for c in ("attack", "victims", "psnr", "ssim", "lpips", "id sim", "rank-1", "label acc", "seconds"):
+        for c in ("attack", "victims", "psnr", "ssim", "lpips", "id sim", "rank-1", "id rank", "label acc", "seconds"):
             t.add_column(c, justify="right")
         for name, g in metrics.groupby("attack", sort=False):
             t.add_row(str(name), str(len(g)), _fmt(g.psnr.mean(), ".2f"), _fmt(g.ssim.mean(), ".3f"),
                       _fmt(g.lpips.mean(), ".3f"), _fmt(g.id_similarity.mean(), ".3f"),
-                      _fmt(g.id_rank1.mean(), ".0%"), _fmt(g.label_accuracy.mean(), ".2f"), _fmt(g.seconds.mean(), ".1f"))
+                      _fmt(g.id_rank1.mean(), ".0%"), _fmt(g.id_rank.mean(), ".1f"), _fmt(g.label_accuracy.mean(), ".2f"), _fmt(g.seconds.mean(), ".1f"))
         console.print(t)
     if seconds is not None:
         console.print(f"wall time {seconds:.1f} s")

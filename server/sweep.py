@@ -38,7 +38,7 @@ from fl_sim.results import RunDirectory
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP_FILE = "sweep.yaml"
-LEAKAGE_METRICS = ("psnr", "lpips", "ssim", "id_similarity", "id_rank1", "label_accuracy")
+LEAKAGE_METRICS = ("psnr", "lpips", "ssim", "id_similarity", "id_rank1", "id_rank", "label_accuracy")
 NO_DEFENSE = "none"
 
 
@@ -441,14 +441,14 @@ def write_outputs(sweep: SweepConfig, out: Path, frame: pd.DataFrame) -> None:
 
 def print_summary(summary: pd.DataFrame, console: Console, seconds: float) -> None:
     table = Table(title=f"Sweep: leakage and accuracy per defense and strength ({seconds / 60:.1f} min)")
-    for c in ("point", "attack", "victims", "PSNR", "Δ PSNR vs none [95 % CI]", "id sim.", "rank-1", "LPIPS",
+    for c in ("point", "attack", "victims", "PSNR", "Δ PSNR vs none [95 % CI]", "id sim.", "rank-1", "id rank", "LPIPS",
               "accuracy", "epsilon"):
         table.add_column(c, justify="left" if c in ("point", "attack") else "right")
     for r in summary.itertuples():
         delta = "-" if math.isnan(r.psnr_vs_none) else \
             f"{r.psnr_vs_none:+.2f} [{r.psnr_vs_none_low:+.2f}, {r.psnr_vs_none_high:+.2f}]"
         table.add_row(r.point, r.attack, str(r.victims), f"{r.psnr:.2f}", delta, f"{r.id_similarity:.3f}",
-                      f"{r.id_rank1:.0%}", f"{r.lpips:.3f}",
+                      f"{r.id_rank1:.0%}", f"{r.id_rank:.1f}", f"{r.lpips:.3f}",
                       "-" if math.isnan(r.accuracy) else f"{r.accuracy:.1%}",
                       "-" if math.isnan(r.epsilon) else f"{r.epsilon:.3g}")
     # piped output gets rich's 80 columns, too narrow for the intervals

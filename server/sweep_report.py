@@ -112,6 +112,7 @@ def write_sweep_report(sweep, out: Path, summary: pd.DataFrame) -> Path:
             for m, lo, hi in zip(summary["id_similarity_vs_none"], summary["id_similarity_vs_none_low"],
                                  summary["id_similarity_vs_none_high"])],
         "rank-1": summary["id_rank1"].map("{:.0%}".format),
+        "id rank": summary["id_rank"].map("{:.1f}".format),
         "accuracy": summary["accuracy"].map(lambda v: "-" if math.isnan(v) else f"{v:.1%}"),
         "epsilon": summary["epsilon"].map(lambda v: "-" if math.isnan(v) else f"{v:.3g}"),
     })
