@@ -42,10 +42,12 @@ def _blur_and_noise(images: torch.Tensor, sigma: float, g: torch.Generator) -> t
     return _noise(_blur(images, sigma, g), sigma / 20, g)
 
 
+# name -> (degrade(images, level, generator), levels). Levels: blur, the Gaussian's sigma in
+# pixels; noise, the std on images in [0, 1]; blur + noise, the blur's sigma (noise std sigma / 20).
 DEGRADATIONS: dict[str, tuple[Callable[[torch.Tensor, float, torch.Generator], torch.Tensor], list[float]]] = {
-    "blur sigma (px)": (_blur, [1.0, 1.5, 2.0, 2.5, 3.0]),
-    "noise std": (_noise, [0.05, 0.1, 0.15, 0.2]),
-    "blur sigma + noise sigma/20": (_blur_and_noise, [1.0, 1.5, 2.0]),
+    "blur": (_blur, [1.0, 1.5, 2.0, 2.5, 3.0]),
+    "noise": (_noise, [0.05, 0.1, 0.15, 0.2]),
+    "blur + noise": (_blur_and_noise, [1.0, 1.5, 2.0]),
 }
 
 
