@@ -14,7 +14,9 @@ a seed disjoint from D_c and from every client) and the global model it is about
    PSNR of their iterates before and after restoration.
 
 Resumable at both stages: the artefact bank is saved once made (`bank.pt`), the training
-writes `checkpoint.pt` every `--checkpoint-every` steps and on Ctrl-C (`--resume`).
+writes `checkpoint.pt` every `--checkpoint-every` steps and on Ctrl-C (`--resume`). A resume
+with settings other than the ones the bank or the checkpoint were made with stops, naming them
+(`--steps` may grow: the training continues).
 """
 from __future__ import annotations
 
