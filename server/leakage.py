@@ -7,6 +7,7 @@ sharded run never redoes a (victim, attack) and both report the same way.
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from collections.abc import Callable, Sequence
 
 from fl_sim.config import ConfigError, ExperimentConfig, parse_config
@@ -35,9 +36,10 @@ def select_attacks(config: ExperimentConfig, labels: Sequence[str] | None = None
 
 
 def printing_events(who: Callable[[int], str] = "client {}".format, every: float = 30.0,
-                    indent: str = "") -> RunnerEvents:
+                    indent: str = "", name: str = "") -> RunnerEvents:
     """Progress on stdout: each attack as it starts (the victim named by `who`), its loss at
-    most every `every` seconds, its metrics when done."""
+    most every `every` seconds, its metrics when done (after `name`, when given: whose
+    results they are)."""
     last = [0.0]
 
     def on_start(task, total):
@@ -52,11 +54,21 @@ def printing_events(who: Callable[[int], str] = "client {}".format, every: float
             print(f"{indent}    {it}/{total} loss {loss:.4f}", flush=True)
 
     def on_done(task, rec: AttackRecord):
-        print(f"{indent}  {rec.attack} on client {rec.client}: psnr {rec.psnr:.2f} ssim {rec.ssim:.3f} lpips {rec.lpips:.3f} "
+        print(f"{indent}  {f'{name}: ' if name else ''}{rec.attack} on client {rec.client}: psnr {rec.psnr:.2f} ssim {rec.ssim:.3f} lpips {rec.lpips:.3f} "
               f"id {rec.id_similarity:.3f} rank-1 {rec.id_rank1:.2f} (rank {rec.id_rank:.1f}) labels {rec.label_accuracy:.2f}  "
               f"{rec.seconds:.0f} s", flush=True)
 
     return RunnerEvents(on_start, on_iteration, on_done)
+
+
+@dataclass
+class LeakageJob:
+    """One leakage measurement: a config's attacks on its victims, results in `run`."""
+
+    config: ExperimentConfig
+    victims: Sequence[int]
+    run: RunDirectory
+    name: str = ""  # how progress names it (a sweep's point)
 
 
 def measure_leakage(config: ExperimentConfig, victims: Sequence[int], run: RunDirectory,
@@ -66,22 +78,40 @@ def measure_leakage(config: ExperimentConfig, victims: Sequence[int], run: RunDi
     batch where it can (attacks.multi: same results as one by one, about twice the
     throughput at 4-8 victims); a victim's `seconds` is then its share of the batch's time. Returns the
     failures (round, client, attack, error)."""
+    return measure_leakage_together([LeakageJob(config, victims, run)], events)
+
+
+def measure_leakage_together(jobs: Sequence[LeakageJob], events: RunnerEvents | None = None,
+                             max_together: int | None = None) -> list[tuple[int, int, str, str]]:
+    """`measure_leakage` for several jobs that attack the same global model (a sweep's points:
+    one case under different defenses): each attack runs on the pending victims of all jobs
+    as one batch (of at most `max_together`) where their cases allow it, each result recorded
+    in its own job's run. Returns the failures of all jobs."""
     from fl_sim.federated_data import federated_data, public_set
+    from server.attack_runner import submit_together
     from server.cases import identity_gallery, simulate_victims
 
-    rnd = config.threat.rounds[0]
-    done = run.done_attacks()
-    todo = [pid for pid in victims if any((rnd, pid, a.key) not in done for a in config.attacks)]
-    if not todo:
+    parts = []
+    for job in jobs:
+        config = job.config
+        rnd = config.threat.rounds[0]
+        done = job.run.done_attacks()
+        todo = [pid for pid in job.victims if any((rnd, pid, a.key) not in done for a in config.attacks)]
+        if not todo:
+            continue
+        data = federated_data(config)
+        cases = simulate_victims(config, todo, rnd)
+        print(f"{f'{job.name}: ' if job.name else ''}{len(todo)} victims x {len(config.attacks)} attacks; "
+              f"{cases[0].case.describe()}", flush=True)
+        runner = AttackRunner(job.run, config.attacks, config.metrics, config.device, 1,
+                              public=public_set(config, data).images,
+                              events=events or printing_events(indent="  " if job.name else "", name=job.name),
+                              together=True, record_variants=True, gallery=identity_gallery(config, data))
+        parts.append((runner, cases))
+    if not parts:
         return []
-    data = federated_data(config)
-    cases = simulate_victims(config, todo, rnd)
-    print(f"{len(todo)} victims x {len(config.attacks)} attacks; {cases[0].case.describe()}", flush=True)
-    runner = AttackRunner(run, config.attacks, config.metrics, config.device, 1,
-                          public=public_set(config, data).images, events=events or printing_events(),
-                          together=True, record_variants=True, gallery=identity_gallery(config, data))
-    runner.submit_round(cases)
-    return list(runner.failures)
+    submit_together(parts, max_together)
+    return [f for runner, _ in parts for f in runner.failures]
 
 
-__all__ = ["select_attacks", "printing_events", "measure_leakage"]
+__all__ = ["select_attacks", "printing_events", "measure_leakage", "measure_leakage_together", "LeakageJob"]

@@ -9,7 +9,7 @@ import torch
 from attacks.synthetic import make_case
 from fl_sim.config import AttackConfig, ExperimentConfig, MetricsConfig
 from fl_sim.results import RunDirectory
-from server.attack_runner import AttackRunner, Victim
+from server.attack_runner import AttackRunner, Victim, submit_together
 
 
 def _victims(n: int = 3, size: int = 32) -> list[Victim]:
@@ -63,6 +63,33 @@ def test_victims_attacked_together_match_one_by_one(tmp_path):
     # A second submission of the same round finds everything done.
     before = together.invocations
     assert together.submit_round(victims) == [] and together.invocations == before
+
+
+def test_victims_of_several_runs_are_attacked_as_one_batch_and_recorded_in_their_own(tmp_path):
+    """A sweep's points attack one global model under different defenses, each in its own run
+    directory: their victims join one batch, and each record lands in its owner's run only."""
+    attack = [AttackConfig(name="invertg", params={"iterations": 120})]
+    victims = _victims()
+    first, second = _runner(tmp_path, "first", attack, True), _runner(tmp_path, "second", attack, True)
+    records = submit_together([(first, victims[:2]), (second, victims[2:])])
+
+    assert first.groups == [("invertg", (0, 1, 2))] and second.groups == []
+    assert sorted(r.client for r in first.run.attack_records()) == [0, 1]
+    assert [r.client for r in second.run.attack_records()] == [2]
+    # the same floor as attacking them in one run (above): a victim recorded against another's
+    # truth, or matched to another's gradient, stays near its ~9 dB start
+    assert len(records) == 3 and all(r.psnr > 12.5 and r.label_accuracy == 1.0 for r in records), records
+    # the runs now hold everything: nothing runs again
+    assert submit_together([(first, victims[:2]), (second, victims[2:])]) == []
+
+
+def test_batches_are_split_evenly_at_the_limit(tmp_path):
+    attack = [AttackConfig(name="invertg", params={"iterations": 3})]
+    victims = _victims(5)
+    runner = _runner(tmp_path, "chunks", attack, True)
+    runner.submit_round(victims, max_together=3)
+    assert runner.groups == [("invertg", (0, 1, 2)), ("invertg", (3, 4))]
+    assert sorted(r.client for r in runner.run.attack_records()) == [0, 1, 2, 3, 4]
 
 
 def test_unbatchable_attack_goes_victim_by_victim(tmp_path):

@@ -49,7 +49,7 @@ def _sweep_tree(tmp_path):
     }
 
 
-def test_a_sweep_measures_every_point_and_a_resumed_sweep_redoes_nothing(tmp_path):
+def test_a_sweep_measures_every_point_and_a_resumed_sweep_redoes_nothing(tmp_path, capsys):
     from fl_sim.results import RunDirectory
     from server.sweep import parse_sweep, points, run_point, run_sweep
 
@@ -61,8 +61,11 @@ def test_a_sweep_measures_every_point_and_a_resumed_sweep_redoes_nothing(tmp_pat
     before = first.metrics_frame()[["client", "attack", "psnr", "seconds"]]
     first.close()
 
+    capsys.readouterr()
     frame = run_sweep(sweep, out, Console(quiet=True))
 
+    # the remaining points attack one global model: their victims ran as one batch
+    assert "invertg (6 victims together)" in capsys.readouterr().out
     after = pd.read_csv(out / "sweep.csv")
     # points x victims, one attack (the other is filtered out), and its adaptive twin where the
     # defense can be modelled (pruning; not noise, not without a defense)
