@@ -43,7 +43,8 @@ def printing_events(who: Callable[[int], str] = "client {}".format, every: float
     last = [0.0]
 
     def on_start(task, total):
-        victims = ", ".join(who(c) for c in (task.together or (task.client,)))
+        # a batch across runs (a sweep's points) holds the same clients once per run
+        victims = ", ".join(who(c) for c in dict.fromkeys(task.together or (task.client,)))
         together = f" ({len(task.together)} victims together)" if task.together else ""
         print(f"{indent}{task.attack.key}{together}: {victims}", flush=True)
 

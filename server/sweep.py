@@ -74,6 +74,11 @@ class UtilitySide(Section):
     config: str  # a federation that learns
     overrides: list[str] = Field(default_factory=list)
     last_rounds: int = Field(5, gt=0)  # accuracy: the mean test accuracy over the last rounds
+    # Federations trained at once here (0: one per CPU), each in its own process training its
+    # clients one at a time on one thread, so that the server's serial work of one
+    # (aggregation, evaluation, checkpoint: about 1 s a round) overlaps another's clients.
+    # Results do not depend on it (clients are seeded per round and client).
+    at_once: int = Field(0, ge=0)
 
 
 class SweepConfig(Section):
@@ -252,10 +257,11 @@ def open_sweep(out: Path, sweep: SweepConfig | None) -> SweepConfig:
 
 def _run_dir(path: Path, config: ExperimentConfig) -> RunDirectory:
     """A point's run directory; an existing one continues only if its config is still the
-    one the sweep builds (the configs a sweep file names can change between sessions)."""
+    one the sweep builds (the configs a sweep file names can change between sessions). The
+    engine may differ: it decides where the work runs, not its results."""
     if (path / "config.yaml").exists():
         run = RunDirectory.open(path)
-        if run.config() != config:
+        if run.config().model_copy(update={"engine": config.engine}) != config:
             raise ConfigError(f"{path} ran another config than the sweep now builds (was a config it names "
                               "edited?); restore it, or start the sweep in another --out")
         return run
@@ -272,6 +278,16 @@ def run_leakage(sweep: SweepConfig, point: SweepPoint, path: Path) -> None:
         failures = measure_leakage(config, leakage_victims(sweep, config), run, printing_events(indent="  "))
         for _, client, key, error in failures:
             print(f"  failed: client {client} {key}: {error}", flush=True)
+        write_report(run)
+    finally:
+        run.close()
+
+
+def _write_leakage_report(path: Path) -> None:
+    from fl_sim.report import write_report
+
+    run = RunDirectory.open(path)
+    try:
         write_report(run)
     finally:
         run.close()
@@ -296,15 +312,74 @@ def run_leakage_together(sweep: SweepConfig, todo: list[SweepPoint], out: Path) 
             run.close()
 
 
-def run_utility(sweep: SweepConfig, point: SweepPoint, path: Path) -> None:
+def run_utility(sweep: SweepConfig, point: SweepPoint, path: Path, clients_at_once: int | None = None) -> None:
     from server.launcher import run_experiment
 
     config = utility_config(sweep, point)
+    if clients_at_once is not None:
+        config = config.model_copy(update={"engine": config.engine.model_copy(
+            update={"inprocess_workers": clients_at_once})})
     run = _run_dir(path, config)
     if len(run.done_rounds()) >= config.federation.rounds:
         run.close()
         return
     run_experiment(config, run, resume=bool(run.done_rounds()))
+
+
+def _utility_done(sweep: SweepConfig, path: Path) -> bool:
+    if not (path / "config.yaml").exists():
+        return False
+    run = RunDirectory.open(path)
+    try:
+        return len(run.done_rounds()) >= run.config().federation.rounds
+    finally:
+        run.close()
+
+
+def _utility_in_child(sweep: SweepConfig, point: SweepPoint, path: Path) -> float:
+    """A point's federation in a process of its own, one thread, its clients one at a time;
+    its progress goes to `console.log` in its run directory. Returns its seconds."""
+    import contextlib
+
+    import torch
+
+    torch.set_num_threads(1)
+    path.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    with open(path / "console.log", "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        run_utility(sweep, point, path, clients_at_once=1)
+    return time.perf_counter() - start
+
+
+def run_utilities(sweep: SweepConfig, todo: list[SweepPoint], out: Path, console: Console) -> None:
+    """Every point's federation: `utility.at_once` processes at a time (one per CPU by
+    default), or here one after the other when only one fits."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from multiprocessing import get_context
+
+    if sweep.utility is None:
+        return
+    def path(point: SweepPoint) -> Path:
+        return out / "points" / point.slug / "utility"
+
+    pending = [p for p in todo if not _utility_done(sweep, path(p))]
+    workers = min(len(pending), sweep.utility.at_once or os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    if workers <= 1:
+        for i, point in enumerate(pending, 1):
+            console.rule(f"federation {i}/{len(pending)}: {point.label}  ({(time.perf_counter() - t0) / 60:.1f} min so far)")
+            run_utility(sweep, point, path(point))
+        return
+    console.rule(f"federations: {len(pending)} points, {workers} at once (progress in each point's utility/console.log)")
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        futures = {pool.submit(_utility_in_child, sweep, p, path(p)): p for p in pending}
+        for i, future in enumerate(as_completed(futures), 1):
+            point = futures[future]
+            seconds = future.result()  # a failed federation raises here, after the others stop
+            accuracy, _ = _accuracy(sweep, path(point))
+            console.print(f"federation {i}/{len(pending)} done: {point.label}, accuracy {accuracy:.1%} "
+                          f"({seconds / 60:.1f} min; {(time.perf_counter() - t0) / 60:.1f} min so far)")
 
 
 def run_point(sweep: SweepConfig, point: SweepPoint, out: Path) -> None:
@@ -323,18 +398,10 @@ def run_sweep(sweep: SweepConfig, out: Path, console: Console, ray_address: str 
     else:
         console.rule(f"leakage: the victims of all {len(todo)} points together")
         run_leakage_together(sweep, todo, out)
-        spent: list[float] = []  # seconds of the points that ran here (finished ones take ~0)
-        for i, point in enumerate(todo, 1):
-            left = ""
-            if spent:
-                per = sum(spent) / len(spent)
-                left = f", about {per * (len(todo) - i + 1) / 60:.0f} min left"
-            console.rule(f"point {i}/{len(todo)}: {point.label}  ({(time.perf_counter() - t0) / 60:.1f} min so far{left})")
-            start = time.perf_counter()
-            run_point(sweep, point, out)
-            if time.perf_counter() - start > 5:
-                spent.append(time.perf_counter() - start)
-            collect(sweep, out).to_csv(out / "sweep.csv", index=False)  # partial results are readable
+        for point in todo:  # each point's report, with its reconstructions
+            _write_leakage_report(out / "points" / point.slug / "leakage")
+        collect(sweep, out).to_csv(out / "sweep.csv", index=False)  # partial results are readable
+        run_utilities(sweep, todo, out, console)
     frame = collect(sweep, out)
     write_outputs(sweep, out, frame)
     print_summary(summarise(frame), console, time.perf_counter() - t0)
