@@ -194,12 +194,12 @@ class AttackRunner:
         victim, as `submit`."""
         return submit_together([(self, victims)], max_together)
 
-    def _run_together(self, owned: list[tuple["AttackRunner", AttackTask]],
-                      max_together: int | None = None) -> list[AttackRecord]:
-        """One attack config on several victims, each task recorded by the runner that owns
-        it (this one's events, stop flag and device drive the batch)."""
-        from attacks.multi import MultiVictimInversion
-
+    def _batches(self, owned: list[tuple["AttackRunner", AttackTask]], max_together: int | None,
+                 workers: int) -> list["_Job"]:
+        """One attack config's victims as jobs: batches of at most `max_together` (and, for
+        `workers` processes, at least one batch each), and alone the victims that cannot join
+        a batch (an attack with a loop of its own, an adaptive case the factored matching does
+        not model)."""
         try:
             attack = build(owned[0][1].attack, self.public)
         except Exception as exc:  # noqa: BLE001 - reported per victim, as a lone attack would be
@@ -207,34 +207,83 @@ class AttackRunner:
                 runner._failed(t, exc)
             return []
         if not batchable(attack):
-            return [r for runner, t in owned if (r := runner._run_local(t)) is not None]
-        alone = [(runner, t) for runner, t in owned if not batchable_case(attack, t.case)]
-        records = [r for runner, t in alone if (r := runner._run_local(t)) is not None]
-        joined = [(runner, t) for runner, t in owned if batchable_case(attack, t.case)]
-        for batch in _even_chunks(joined, max_together):
-            if self.stop is not None and self.stop.is_set():
-                break
-            if len(batch) == 1:
-                records.extend(r for runner, t in batch if (r := runner._run_local(t)) is not None)
-                continue
-            tasks = [t for _, t in batch]
+            return [_Job([o]) for o in owned]
+        alone = [_Job([o]) for o in owned if not batchable_case(attack, o[1].case)]
+        joined = [o for o in owned if batchable_case(attack, o[1].case)]
+        size = max_together
+        if workers > 1 and joined:
+            size = min(size or len(joined), -(-len(joined) // workers))
+        return alone + [_Job(chunk, batched=len(chunk) > 1) for chunk in _even_chunks(joined, size)]
+
+    def _shown(self, job: "_Job") -> AttackTask:
+        """The task that stands for a job in progress displays (a batch names its clients)."""
+        first = job.owned[0][1]
+        return dataclasses.replace(first, together=tuple(t.client for _, t in job.owned)) if job.batched else first
+
+    def _run_batch(self, batch: list[tuple["AttackRunner", AttackTask]]) -> list[AttackRecord]:
+        """One attack config on several victims as one batch, here; each task recorded by the
+        runner that owns it (this one's events, stop flag and device drive the batch)."""
+        from attacks.multi import MultiVictimInversion
+
+        tasks = [t for _, t in batch]
+        shown = self._shown(_Job(batch, batched=True))
+        self.invocations += len(tasks)
+        try:
             attack = build(tasks[0].attack, self.public)  # fresh state for every batch
-            clients = tuple(t.client for t in tasks)
-            shown = dataclasses.replace(tasks[0], together=clients)
-            self.invocations += len(tasks)
-            try:
-                progress = self._started(shown, attack)
-                results = MultiVictimInversion(attack).run([t.case for t in tasks], progress, self.stop, self.device)
-            except Exception as exc:  # noqa: BLE001 - one failing attack must not end the federation
-                for runner, t in batch:
-                    runner._failed(t, exc)
-                continue
-            self.groups.append((tasks[0].attack.key, clients))
-            if self.stop is not None and self.stop.is_set() and any(r.interrupted for r in results):
-                break  # stopped mid-way: nothing finished, nothing recorded
-            # Each victim's `seconds` is its share of the batch's time (the cost per victim).
-            records.extend(runner._record(t, dataclasses.replace(r, seconds=r.seconds / len(tasks)), attack)
-                           for (runner, t), r in zip(batch, results))
+            progress = self._started(shown, attack)
+            results = MultiVictimInversion(attack).run([t.case for t in tasks], progress, self.stop, self.device)
+        except Exception as exc:  # noqa: BLE001 - one failing attack must not end the federation
+            for runner, t in batch:
+                runner._failed(t, exc)
+            return []
+        self.groups.append((tasks[0].attack.key, shown.together))
+        if self.stop is not None and self.stop.is_set() and any(r.interrupted for r in results):
+            return []  # stopped mid-way: nothing finished, nothing recorded
+        return self._record_batch(batch, results, attack)
+
+    def _record_batch(self, batch: list[tuple["AttackRunner", AttackTask]], results: list,
+                      attack) -> list[AttackRecord]:
+        # Each victim's `seconds` is its share of the batch's time (the cost per victim).
+        return [runner._record(t, dataclasses.replace(r, seconds=r.seconds / len(batch)), attack)
+                for (runner, t), r in zip(batch, results)]
+
+    def _run_in_workers(self, jobs: list["_Job"], workers: int) -> list[AttackRecord]:
+        """The jobs in `workers` processes (server.attack_pool), largest first so that the
+        last to finish are short; recorded here as each ends, progress shown through this
+        runner's events."""
+        import os
+
+        from server.attack_pool import AttackPool, PoolJob
+
+        jobs = sorted(jobs, key=lambda j: -len(j.owned))
+        shown = [self._shown(job) for job in jobs]
+        built: dict[str, Any] = {}  # an attack object per config, for recording (its `select`)
+        records: list[AttackRecord] = []
+
+        def on_progress(i: int, kind: str, a: int, b: int, loss: float) -> None:
+            if kind == "start" and self.events.on_start:
+                self.events.on_start(shown[i], a)
+            elif kind == "iteration" and self.events.on_iteration:
+                self.events.on_iteration(shown[i], a, b, loss)
+
+        def on_result(i: int, outcome) -> None:
+            job = jobs[i]
+            if isinstance(outcome, BaseException):
+                for runner, t in job.owned:
+                    runner._failed(t, outcome)
+                return
+            config = job.owned[0][1].attack
+            if config.model_dump_json() not in built:
+                built[config.model_dump_json()] = build(config, self.public)
+            if job.batched:
+                self.groups.append((config.key, shown[i].together))
+            records.extend(self._record_batch(job.owned, outcome, built[config.model_dump_json()]))
+
+        self.invocations += sum(len(j.owned) for j in jobs)
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        with AttackPool(workers, threads, self.public) as pool:
+            pool.run([PoolJob(j.owned[0][1].attack, [t.case for _, t in j.owned]) for j in jobs], self.device,
+                     on_progress, on_result, lambda: self.stop is not None and self.stop.is_set())
         return records
 
     def _started(self, task: AttackTask, attack):
@@ -359,28 +408,52 @@ class AttackRunner:
         return rec
 
 
+@dataclass
+class _Job:
+    """One attack config on one victim, or on several as one batch (`batched`)."""
+
+    owned: list[tuple[AttackRunner, AttackTask]]
+    batched: bool = False
+
+
 def submit_together(parts: Sequence[tuple[AttackRunner, Sequence[Victim]]],
-                    max_together: int | None = None) -> list[AttackRecord]:
+                    max_together: int | None = None, workers: int = 1) -> list[AttackRecord]:
     """`AttackRunner.submit_round` over the victims of several runners at once: runs that
     attack one global model under different settings (a sweep's points, each defense its own
     run directory). Each attack runs on the pending victims of all of them as one batch where
     their cases allow it, so the batch is larger and the CPU better used (ResNet18, 64 px,
     InvertG: about 13 victim-it/s at 4 victims, 24 at 16, 27 at 28); each record is written by
     the runner that owns the victim. The first runner's events, stop flag and device drive
-    the batches; it runs what cannot be batched victim by victim."""
-    from attacks.multi import compatible
-
+    the batches; it runs what cannot be batched victim by victim. With `workers` > 1 on the
+    CPU, the jobs (batches and lone victims) run in that many processes of one thread each
+    (server.attack_pool), each batch then at most an even share of its attack's victims."""
     lead = parts[0][0]
     everyone = [(runner, v) for runner, victims in parts for v in victims]
     if not lead.together or len(everyone) < 2 or lead.use_ray():
         return [r for runner, v in everyone
                 for r in runner.submit(v.case, v.truth_images, v.truth_labels, v.round, v.client, v.truth_index)]
+    workers = workers if str(lead.device).startswith("cpu") else 1  # a GPU runs one job at a time
+    jobs = _plan(lead, parts, everyone, max_together, workers)
+    if workers > 1 and len(jobs) > 1:
+        return lead._run_in_workers(jobs, workers)
     records: list[AttackRecord] = []
-    keys = list(dict.fromkeys(a.key for runner, _ in parts for a in runner.attacks))
-    for key in keys:
+    for job in jobs:
         if lead.stop is not None and lead.stop.is_set():
             break
-        # victims whose runners configure this attack identically run as one group
+        if job.batched:
+            records.extend(lead._run_batch(job.owned))
+        else:
+            records.extend(r for runner, t in job.owned if (r := runner._run_local(t)) is not None)
+    return records
+
+
+def _plan(lead: AttackRunner, parts, everyone, max_together: int | None, workers: int) -> list[_Job]:
+    """Every pending (victim, attack) as jobs: per attack, the victims whose runners configure
+    it identically and whose cases are compatible (attacks.multi) form batches."""
+    from attacks.multi import compatible
+
+    jobs: list[_Job] = []
+    for key in dict.fromkeys(a.key for runner, _ in parts for a in runner.attacks):
         groups: dict[str, list[tuple[AttackRunner, AttackTask]]] = {}
         for runner, v in everyone:
             for a in runner.attacks:
@@ -390,10 +463,10 @@ def submit_together(parts: Sequence[tuple[AttackRunner, Sequence[Victim]]],
                     groups.setdefault(a.model_dump_json(), []).append((runner, task))
         for owned in groups.values():
             if len(owned) > 1 and compatible([t.case for _, t in owned]) is None:
-                records.extend(lead._run_together(owned, max_together))
+                jobs.extend(lead._batches(owned, max_together, workers))
             else:
-                records.extend(r for runner, t in owned if (r := runner._run_local(t)) is not None)
-    return records
+                jobs.extend(_Job([o]) for o in owned)
+    return jobs
 
 
 def _even_chunks(items: list, size: int | None) -> list[list]:

@@ -83,11 +83,12 @@ def measure_leakage(config: ExperimentConfig, victims: Sequence[int], run: RunDi
 
 
 def measure_leakage_together(jobs: Sequence[LeakageJob], events: RunnerEvents | None = None,
-                             max_together: int | None = None) -> list[tuple[int, int, str, str]]:
+                             max_together: int | None = None, workers: int = 1) -> list[tuple[int, int, str, str]]:
     """`measure_leakage` for several jobs that attack the same global model (a sweep's points:
     one case under different defenses): each attack runs on the pending victims of all jobs
     as one batch (of at most `max_together`) where their cases allow it, each result recorded
-    in its own job's run. Returns the failures of all jobs."""
+    in its own job's run; with `workers` > 1, in that many processes of one thread each
+    (server.attack_pool). Returns the failures of all jobs."""
     from fl_sim.federated_data import federated_data, public_set
     from server.attack_runner import submit_together
     from server.cases import identity_gallery, simulate_victims
@@ -111,7 +112,7 @@ def measure_leakage_together(jobs: Sequence[LeakageJob], events: RunnerEvents | 
         parts.append((runner, cases))
     if not parts:
         return []
-    submit_together(parts, max_together)
+    submit_together(parts, max_together, workers)
     return [f for runner, _ in parts for f in runner.failures]
 
 

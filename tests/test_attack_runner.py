@@ -100,3 +100,53 @@ def test_unbatchable_attack_goes_victim_by_victim(tmp_path):
     records = runner.submit_round(_victims())
     assert runner.groups == [] and sorted(r.client for r in records) == [0, 1, 2]
     assert np.isfinite([r.psnr for r in records]).all()
+
+
+def _progress_log(events: list, stop=None):
+    from server.attack_runner import RunnerEvents
+
+    def on_start(task, total):
+        events.append(("start", task.together or (task.client,), total))
+        if stop is not None:
+            stop.set()
+
+    return RunnerEvents(on_start=on_start,
+                        on_iteration=lambda task, it, total, loss: events.append(("it", task.together, it, total)))
+
+
+def test_jobs_run_in_worker_processes_and_are_recorded_by_their_owners(tmp_path):
+    """Two worker processes (a sweep's leakage side on two cores): the 4 victims of two runs
+    become two batches of 2, one per worker; each record lands in its owner's run with the
+    floor of the in-process path above; the workers' progress reaches the lead's events; a
+    second submission runs nothing."""
+    attack = [AttackConfig(name="invertg", params={"iterations": 120})]
+    victims = _victims(4)
+    first, second = _runner(tmp_path, "first", attack, True), _runner(tmp_path, "second", attack, True)
+    events: list = []
+    first.events = _progress_log(events)
+    records = submit_together([(first, victims[:2]), (second, victims[2:])], workers=2)
+
+    assert sorted(first.groups) == [("invertg", (0, 1)), ("invertg", (2, 3))] and second.groups == []
+    assert sorted(r.client for r in first.run.attack_records()) == [0, 1]
+    assert sorted(r.client for r in second.run.attack_records()) == [2, 3]
+    assert len(records) == 4 and all(r.psnr > 12.5 and r.label_accuracy == 1.0 for r in records), records
+    assert sorted(e[1] for e in events if e[0] == "start") == [(0, 1), (2, 3)]
+    assert {(e[1], e[2]) for e in events if e[0] == "it" and e[2] == e[3]} == {((0, 1), 120), ((2, 3), 120)}
+    assert submit_together([(first, victims[:2]), (second, victims[2:])], workers=2) == []
+
+
+def test_stopping_the_workers_records_nothing_unfinished_and_a_resume_does_it(tmp_path):
+    """A stop (Ctrl-C, a sweep cut short) ends the workers' jobs in progress at once; none is
+    recorded, and the next submission attacks every victim."""
+    import threading
+
+    attack = [AttackConfig(name="invertg", params={"iterations": 60})]  # seconds: the stop comes first
+    victims = _victims(4)
+    stop = threading.Event()
+    runner = _runner(tmp_path, "stopped", attack, True)
+    runner.stop, runner.events = stop, _progress_log([], stop)  # stop as soon as a job starts
+    assert submit_together([(runner, victims)], workers=2) == []
+    assert runner.run.attack_records() == []
+    stop.clear()
+    runner.stop, runner.events = None, _progress_log([])
+    assert sorted(r.client for r in submit_together([(runner, victims)], workers=2)) == [0, 1, 2, 3]

@@ -42,7 +42,7 @@ def _sweep_tree(tmp_path):
     return {
         "name": "small",
         "leakage": {"config": str(tmp_path / "leak.yaml"), "attacks": ["invertg"], "iterations": 100, "victims": 2,
-                    "adaptive": ["invertg"]},
+                    "adaptive": ["invertg"], "at_once": 2},
         "utility": {"config": str(tmp_path / "util.yaml"), "last_rounds": 2},
         "defenses": [{"name": "none"}, {"name": "noise", "param": "std", "values": [1.0, 10.0]},
                      {"name": "prune", "param": "rate", "values": [0.99]}],
@@ -64,8 +64,9 @@ def test_a_sweep_measures_every_point_and_a_resumed_sweep_redoes_nothing(tmp_pat
     capsys.readouterr()
     frame = run_sweep(sweep, out, Console(quiet=True))
 
-    # the remaining points attack one global model: their victims ran as one batch
-    assert "invertg (6 victims together)" in capsys.readouterr().out
+    # the remaining points attack one global model: their 6 victims ran as two batches, one in
+    # each of the two worker processes
+    assert capsys.readouterr().out.count("invertg (3 victims together)") == 2
     after = pd.read_csv(out / "sweep.csv")
     # points x victims, one attack (the other is filtered out), and its adaptive twin where the
     # defense can be modelled (pruning; not noise, not without a defense)
