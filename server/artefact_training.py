@@ -222,7 +222,14 @@ def train(settings: ArtefactSettings, resume: bool = False, progress: bool = Tru
     torch.manual_seed(settings.seed)
     net = RestorationNet(faces.shape[1], settings.width).to(settings.device)
     opt = torch.optim.Adam(net.parameters(), lr=settings.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, settings.steps)
+
+    def cosine(at: int) -> float:
+        # From the step count and this run's --steps alone (LambdaLR keeps no length in its
+        # state): a resume with more steps follows the longer cosine to its end, where
+        # CosineAnnealingLR would keep the old length from its state and climb again past it.
+        return 0.5 * (1 + math.cos(math.pi * min(at, settings.steps) / settings.steps))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine)
     g = torch.Generator().manual_seed(settings.seed + 1)
     step = 0
     ckpt = out / CHECKPOINT
@@ -231,7 +238,7 @@ def train(settings: ArtefactSettings, resume: bool = False, progress: bool = Tru
         check_resumed(state.get("settings", {}), settings, TRAINING_OPTIONS, f"{ckpt}")
         net.load_state_dict(state["net"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
+        sched.load_state_dict({"lr_lambdas": [None], **state["scheduler"]})  # a CosineAnnealingLR state has none
         g.set_state(state["generator"])
         step = int(state["step"])
 

@@ -207,6 +207,10 @@ def test_artefact_training_resumes_without_attacking_again(artefact_dir):
     assert main(ARTEFACT_RUN + ["--out", str(artefact_dir), "--steps", "310", "--resume"]) == 0
     assert bank.stat().st_mtime_ns == made  # the artefacts were not made again
     assert json.loads((artefact_dir / "training.json").read_text())["steps"] == 310
+    # the learning rate followed the cosine over the new length to its end (the old length's
+    # cosine, continued past its end, would be climbing again)
+    state = torch.load(artefact_dir / "checkpoint.pt", weights_only=False)
+    assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(0.0, abs=1e-12)
 
 
 def test_artefact_training_resume_refuses_other_settings(artefact_dir, capsys):
