@@ -406,6 +406,7 @@ def run_sweep(sweep: SweepConfig, out: Path, console: Console, ray_address: str 
         for point in todo:  # each point's report, with its reconstructions
             _write_leakage_report(out / "points" / point.slug / "leakage")
         collect(sweep, out).to_csv(out / "sweep.csv", index=False)  # partial results are readable
+        console.print(f"leakage of {len(todo)} points done ({(time.perf_counter() - t0) / 60:.1f} min)")
         run_utilities(sweep, todo, out, console)
     frame = collect(sweep, out)
     write_outputs(sweep, out, frame)
