@@ -9,7 +9,10 @@ Context between rounds, a ClientApp exception becomes an error reply (as under R
 """
 from __future__ import annotations
 
+import ast
+import functools
 import secrets
+import threading
 import traceback
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -23,6 +26,29 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 CLIENT_APP_EXCEPTION = 300  # Flower's ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+
+def serialise_ast_parsing() -> None:
+    """Make `ast.parse` take turns between threads (once per process).
+
+    numpy's `np.load` reads every array's header with `ast.literal_eval`, and Flower decodes
+    every Array through it (our clients' global state, its SecAgg+ and DP mods). CPython
+    3.11's AST constructor keeps its recursion depth per interpreter, not per thread; when a
+    finaliser lets the GIL switch in the middle of one conversion, another thread's parse
+    corrupts it: "SystemError: AST constructor recursion depth mismatch" (cpython gh-106905).
+    Client threads decoding at once hit this about once in two test suites. Parsing a
+    header takes microseconds, so waiting for the lock costs nothing measurable."""
+    if getattr(ast.parse, "serialised", False):
+        return
+    parse, lock = ast.parse, threading.Lock()
+
+    @functools.wraps(parse)
+    def serialised_parse(*args, **kwargs):
+        with lock:
+            return parse(*args, **kwargs)
+
+    serialised_parse.serialised = True  # type: ignore[attr-defined]
+    ast.parse = serialised_parse  # ast.literal_eval looks `parse` up in the module: it uses this
 
 
 def own_records(content: RecordDict) -> RecordDict:
@@ -96,6 +122,7 @@ class InProcessGrid(Grid):
             return [self._handle(msg) for msg in queued]
         from clients.training import single_thread
 
+        serialise_ast_parsing()
         # torch's thread count is process-wide: one for all workers (the clients' own
         # single_thread() then nests inside it), the server's count back afterwards.
         with single_thread(), ThreadPoolExecutor(self.workers) as pool:
