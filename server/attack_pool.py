@@ -5,12 +5,14 @@ One process with two threads runs a batched InvertG at 36.8 victim-it/s (ResNet1
 26 victims, BatchNorm on batch statistics); two processes of one thread each, each on its own
 batch, run at 70.7 together (`fl-sim bench attack --ray-workers 1 2 --victims 26`): a large
 batch leaves a second thread half idle. (Small batches gain less: 8 victims of the DFLeak
-bench, 2.5 minutes as two batches of 4 in two processes, 2.8 as one batch in one.) So work is handed out as whole jobs (one attack on one victim, or on a
-batch of victims), largest first, to `workers` spawned processes. They return the raw
-results; the parent scores and records them (it owns the run directories) and forwards each
-job's progress to the runner's events. multiprocessing's Pool rather than Ray: it is local,
-needs no cluster start, and `terminate()` ends work in progress at once when the run is
-stopped (nothing unfinished is recorded; a resume redoes it).
+bench, 2.5 minutes as two batches of 4 in two processes, 2.8 as one batch in one.)
+
+So work is handed out as whole jobs (one attack on one victim, or on a batch of victims),
+largest first, to `workers` spawned processes. They return the raw results; the parent
+scores and records them (it owns the run directories) and forwards each job's progress to the
+runner's events. multiprocessing's Pool rather than Ray: it is local, needs no cluster start,
+and `terminate()` ends work in progress at once when the run is stopped (nothing unfinished
+is recorded; a resume redoes it).
 """
 from __future__ import annotations
 

@@ -273,11 +273,12 @@ class AttackRunner:
                     runner._failed(t, outcome)
                 return
             config = job.owned[0][1].attack
-            if config.model_dump_json() not in built:
-                built[config.model_dump_json()] = build(config, self.public)
+            key = config.model_dump_json()
+            if key not in built:
+                built[key] = build(config, self.public)
             if job.batched:
                 self.groups.append((config.key, shown[i].together))
-            records.extend(self._record_batch(job.owned, outcome, built[config.model_dump_json()]))
+            records.extend(self._record_batch(job.owned, outcome, built[key]))
 
         self.invocations += sum(len(j.owned) for j in jobs)
         threads = max(1, (os.cpu_count() or 1) // workers)

@@ -299,6 +299,11 @@ def _write_leakage_report(path: Path) -> None:
         run.close()
 
 
+def _processes(at_once: int) -> int:
+    """A side's `at_once` setting as a number of processes (0: one per CPU)."""
+    return at_once or os.cpu_count() or 1
+
+
 def run_leakage_together(sweep: SweepConfig, todo: list[SweepPoint], out: Path) -> None:
     """The leakage side of every point at once: each attack on the victims of all points as
     few batches as fit (`leakage.batch`), each result in its point's run directory."""
@@ -311,8 +316,8 @@ def run_leakage_together(sweep: SweepConfig, todo: list[SweepPoint], out: Path) 
             config = leakage_config(sweep, point)
             runs.append(_run_dir(out / "points" / point.slug / "leakage", config))
             jobs.append(LeakageJob(config, leakage_victims(sweep, config), runs[-1], point.label))
-        workers = sweep.leakage.at_once or os.cpu_count() or 1
-        for _, client, key, error in measure_leakage_together(jobs, max_together=sweep.leakage.batch, workers=workers):
+        for _, client, key, error in measure_leakage_together(jobs, max_together=sweep.leakage.batch,
+                                                              workers=_processes(sweep.leakage.at_once)):
             print(f"  failed: client {client} {key}: {error}", flush=True)
     finally:
         for run in runs:
@@ -370,7 +375,7 @@ def run_utilities(sweep: SweepConfig, todo: list[SweepPoint], out: Path, console
         return out / "points" / point.slug / "utility"
 
     pending = [p for p in todo if not _utility_done(sweep, path(p))]
-    workers = min(len(pending), sweep.utility.at_once or os.cpu_count() or 1)
+    workers = min(len(pending), _processes(sweep.utility.at_once))
     t0 = time.perf_counter()
     if workers <= 1:
         for i, point in enumerate(pending, 1):
