@@ -234,6 +234,8 @@ def markdown(agg, comparisons, header: str) -> str:
 
 def grid(path: Path, run, frame, order: list[str]) -> None:
     """Victims (rows) x ground truth and every method (columns)."""
+    import textwrap
+
     import matplotlib
 
     matplotlib.use("Agg")
@@ -255,8 +257,9 @@ def grid(path: Path, run, frame, order: list[str]) -> None:
                 ax.imshow(img)
             ax.set_xticks([])
             ax.set_yticks([])
-            if i == 0:
-                ax.set_title(col, fontsize=6)
+            if i == 0:  # wrapped: 'method [policy]' labels are wider than a tile
+                name, _, policy = col.partition(" [")
+                ax.set_title("\n".join(textwrap.wrap(name, 16) + ([f"[{policy}"] if policy else [])), fontsize=6)
             if j == 0:
                 ax.set_ylabel(f"client {client}", fontsize=7)
     fig.tight_layout(pad=0.2)
