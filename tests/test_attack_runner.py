@@ -92,6 +92,21 @@ def test_batches_are_split_evenly_at_the_limit(tmp_path):
     assert sorted(r.client for r in runner.run.attack_records()) == [0, 1, 2, 3, 4]
 
 
+def test_a_case_of_another_shape_leaves_the_others_batched(tmp_path):
+    """FedAvg clients hold different numbers of images: the odd one is attacked alone and the
+    rest still form one batch (before, one odd case sent the whole round victim by victim)."""
+    attack = [AttackConfig(name="invertg", params={"iterations": 3})]
+    victims = _victims(4)
+    two = torch.cat([victims[2].truth_images, victims[0].truth_images])
+    labels = torch.tensor([2, 0])
+    victims[2] = Victim(1, 2, make_case("resnet18", 10, two, labels, seed=0, bn_mode="eval"), two, labels)
+    runner = _runner(tmp_path, "mixed", attack, True)
+    records = runner.submit_round(victims)
+    assert runner.groups == [("invertg", (0, 1, 3))]
+    assert sorted(r.client for r in records) == [0, 1, 2, 3]
+    assert sorted(r.client for r in runner.run.attack_records()) == [0, 1, 2, 3]
+
+
 def test_unbatchable_attack_goes_victim_by_victim(tmp_path):
     # The BatchNorm-statistics prior cannot be batched: the runner falls back, and still
     # attacks every victim.
