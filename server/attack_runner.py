@@ -451,7 +451,7 @@ def submit_together(parts: Sequence[tuple[AttackRunner, Sequence[Victim]]],
 def _plan(lead: AttackRunner, parts, everyone, max_together: int | None, workers: int) -> list[_Job]:
     """Every pending (victim, attack) as jobs: per attack, the victims whose runners configure
     it identically and whose cases are compatible (attacks.multi) form batches."""
-    from attacks.multi import compatible
+    from attacks.multi import compatible_groups
 
     jobs: list[_Job] = []
     for key in dict.fromkeys(a.key for runner, _ in parts for a in runner.attacks):
@@ -463,28 +463,10 @@ def _plan(lead: AttackRunner, parts, everyone, max_together: int | None, workers
                                       truth_index=v.truth_index)
                     groups.setdefault(a.model_dump_json(), []).append((runner, task))
         for owned in groups.values():
-            for kin in _compatible_groups(owned, compatible):
-                if len(kin) > 1:
-                    jobs.extend(lead._batches(kin, max_together, workers))
-                else:
-                    jobs.append(_Job(kin))
+            for group in compatible_groups([t.case for _, t in owned]):
+                kin = [owned[i] for i in group]
+                jobs.extend(lead._batches(kin, max_together, workers) if len(kin) > 1 else [_Job(kin)])
     return jobs
-
-
-def _compatible_groups(owned: list[tuple[AttackRunner, AttackTask]], compatible) -> list[list]:
-    """The tasks split into groups whose cases can be attacked together, in order of first
-    appearance. FedAvg clients hold different numbers of images (ORL by identity: 3 or 4), and
-    one odd case used to send the whole round victim by victim (MobileNetV2, 3 images, 2 local
-    steps: 180-230 s per victim alone, 75 s in a batch of 2). Compatibility is equality of
-    the cases' shapes, settings and weights, so comparing with each group's first is enough."""
-    groups: list[list[tuple[AttackRunner, AttackTask]]] = []
-    for o in owned:
-        home = next((g for g in groups if compatible([g[0][1].case, o[1].case]) is None), None)
-        if home is None:
-            groups.append([o])
-        else:
-            home.append(o)
-    return groups
 
 
 def _even_chunks(items: list, size: int | None) -> list[list]:

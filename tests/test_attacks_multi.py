@@ -10,7 +10,7 @@ import torch
 from attacks.engine import GradientMatcher, VictimModel, reference_objective
 from attacks.expanded import ExpandedModel
 from attacks.factored import FactoredMatcher
-from attacks.multi import MultiVictimInversion, compatible, invert_together
+from attacks.multi import MultiVictimInversion, compatible, compatible_groups, invert_together
 from attacks.registry import build_attack
 from attacks.synthetic import face_image, make_case
 
@@ -201,6 +201,19 @@ def test_incompatible_cases_run_one_by_one():
         MultiVictimInversion(build_attack("invertg", iterations=2)).run([a, b])
     res = invert_together(build_attack("invertg", iterations=2), [a, b])
     assert len(res) == 2 and "victims_together" not in res[0].diagnostics
+
+
+def test_compatible_cases_go_together_beside_an_odd_one():
+    """One odd case (other weights) runs alone; the compatible ones still form one batch, and
+    the results come back in the cases' order."""
+    a = make_case("lenet", 10, face_image(32, 0), torch.tensor([1]), seed=0)
+    b = make_case("lenet", 10, face_image(32, 1), torch.tensor([2]), seed=1)  # other weights
+    c = make_case("lenet", 10, face_image(32, 2), torch.tensor([3]), seed=0)
+    assert compatible_groups([a, b, c]) == [[0, 2], [1]]
+    res = invert_together(build_attack("invertg", iterations=2), [a, b, c])
+    assert [r.labels.tolist() for r in res] == [[1], [2], [3]]
+    assert "victims_together" in res[0].diagnostics and "victims_together" in res[2].diagnostics
+    assert "victims_together" not in res[1].diagnostics
 
 
 @pytest.mark.parametrize("name,overrides", [
