@@ -245,16 +245,26 @@ def grid(path: Path, run, frame, order: list[str]) -> None:
 
     victims = list(dict.fromkeys(frame["client"]))
     cols = ["ground truth"] + order
-    fig, axes = plt.subplots(len(victims), len(cols), figsize=(1.3 * len(cols), 1.3 * len(victims) + 0.3),
-                             squeeze=False)
+    tiles = {}  # (row, column) -> image; a FedAvg client's images come as one strip of tiles
     for i, client in enumerate(victims):
         rows = frame[frame["client"] == client].set_index("attack")
         for j, col in enumerate(cols):
-            ax = axes[i][j]
             rel = rows["truth_image"].iloc[0] if col == "ground truth" else rows["image"].get(col, "")
             if rel:
-                img = np.asarray(Image.open(run.path / rel).convert("RGB"))
-                ax.imshow(img)
+                tiles[i, j] = np.asarray(Image.open(run.path / rel).convert("RGB"))
+    # Rows as tall as their strips are wide: a client of 3 images gets a taller row than one of
+    # 5 instead of a thin strip between wide gaps (every column as wide as the widest strip).
+    aspect = [max((t.shape[1] / t.shape[0] for (r, _), t in tiles.items() if r == i), default=1.0)
+              for i in range(len(victims))]
+    width = min(1.3 * max(aspect), 18.0 / len(cols))
+    heights = [width / a for a in aspect]
+    fig, axes = plt.subplots(len(victims), len(cols), figsize=(width * len(cols), sum(heights) + 0.3),
+                             squeeze=False, gridspec_kw={"height_ratios": heights})
+    for i, client in enumerate(victims):
+        for j, col in enumerate(cols):
+            ax = axes[i][j]
+            if (i, j) in tiles:
+                ax.imshow(tiles[i, j])
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:  # wrapped: 'method [policy]' labels are wider than a tile
