@@ -22,9 +22,16 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# The demo in two runs: a federation that learns (configs/demo-train.yaml, kept in
+# runs/demo-train: a second `make demo` finds it finished and reuses it), then the audit of
+# its clients' FedSGD updates to the model it learned (configs/demo.yaml, a new run each time).
+DEMO_TRAIN := runs/demo-train
+
 demo: $(STAMP)
 	$(BIN)/fl-sim assets fetch
-	$(BIN)/fl-sim run configs/demo.yaml
+	if [ -f $(DEMO_TRAIN)/config.yaml ]; then $(BIN)/fl-sim run --resume $(DEMO_TRAIN); \
+	else $(BIN)/fl-sim run configs/demo-train.yaml --out $(DEMO_TRAIN); fi
+	$(BIN)/fl-sim run configs/demo.yaml model.weights=$(DEMO_TRAIN)/global_model.pt
 
 test: $(STAMP)
 	$(BIN)/fl-sim assets fetch

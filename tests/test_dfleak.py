@@ -61,6 +61,7 @@ def _fedavg_victims(model: str, bn_mode: str, clients: list[int]):
     from server.cases import simulate_victims
 
     config = load_config("configs/demo.yaml", [f"model.name={model}", "federation.algorithm=fedavg",
+                                               "federation.partitioning=by-identity",
                                                "federation.batch_size=2", "federation.local_steps=2",
                                                f"federation.bn_mode={bn_mode}", "federation.bn_statistics=clients"])
     return simulate_victims(config, clients)

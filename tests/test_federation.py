@@ -449,3 +449,21 @@ def test_central_dp_wraps_the_strategy_and_the_server_still_sees_raw_updates(tmp
     assert "epsilon" in (noisy.path / "report.html").read_text()
     with pytest.raises(ConfigError, match="central_dp.*fedavg"):
         parse_config(easy_config(lenet_init, federation={"algorithm": "fedsgd", "central_dp": {}}))
+
+
+def test_the_demo_audits_the_federation_it_trained():
+    """`make demo` trains with configs/demo-train.yaml, then attacks with configs/demo.yaml from
+    the trained weights: the audit must face the same clients holding the same faces, the
+    same held-out test set and the same network, or its report describes another federation."""
+    from fl_sim.config import load_config
+    from fl_sim.federated_data import build_federated_data
+
+    root = TESTS.parent / "configs"
+    train, audit = load_config(root / "demo-train.yaml"), load_config(root / "demo.yaml")
+    assert (train.federation.algorithm, audit.federation.algorithm) == ("fedavg", "fedsgd")
+    assert train.model == audit.model and train.data == audit.data
+    a, b = build_federated_data(train), build_federated_data(audit)
+    np.testing.assert_array_equal(a.test, b.test)
+    assert len(a.partitions) == len(b.partitions) == 100
+    for pa, pb in zip(a.partitions, b.partitions):
+        np.testing.assert_array_equal(pa, pb)
