@@ -30,7 +30,7 @@ REPORT_TEMPLATE = """<!doctype html>
 <p class="sub">{{ config.model.name }} on {{ config.data.name }} at {{ config.data.image_size }} px,
  {{ config.federation.algorithm }} with {{ config.federation.num_clients }} clients
  ({{ config.federation.clients_per_round }} per round, batch {{ config.federation.batch_size }}),
- seed {{ config.seed }}{% if config.defenses %}, defenses: {{ config.defenses | map(attribute='name') | join(', ') }}{% endif %}.</p>
+ seed {{ config.seed }}, {% if config.model.weights %}starting from the trained weights {{ config.model.weights }}{% else %}starting untrained{% endif %}{% if config.defenses %}, defenses: {{ config.defenses | map(attribute='name') | join(', ') }}{% endif %}.</p>
 {% if privacy %}<p class="sub">Privacy: {{ privacy }}.</p>{% endif %}
 
 <h2>Leakage per attack</h2>

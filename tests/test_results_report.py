@@ -148,3 +148,14 @@ def test_report_states_the_local_dp_epsilon_of_a_gaussian_defense(tmp_path):
     assert f"{gaussian.epsilon(2):.3g} for 2 (the expected participations)" in html
     assert "Privacy:" not in write_report(RunDirectory.create(tmp_path / "plain",
                                                                                 ExperimentConfig(name="p"))).read_text()
+
+
+def test_report_says_which_model_was_attacked(tmp_path):
+    """An audit of a trained model and one of an untrained model read alike otherwise; the
+    leakage of the two differs by several dB (README, "Leakage from the trained model")."""
+    from fl_sim.config import ModelConfig
+
+    trained = ExperimentConfig(name="t", model=ModelConfig(name="resnet18", weights="runs/demo-train/global_model.pt"))
+    html = write_report(RunDirectory.create(tmp_path / "trained", trained)).read_text()
+    assert "starting from the trained weights runs/demo-train/global_model.pt" in html
+    assert "starting untrained" in write_report(RunDirectory.create(tmp_path / "new", ExperimentConfig(name="u"))).read_text()
