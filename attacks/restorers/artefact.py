@@ -18,13 +18,15 @@ colour image channel by channel. `model: null` loads the weights that ship with 
 (ResNet18 at its seeded start, ORL's grey 64 px normalisation, BatchNorm frozen; 64 DCGAN
 faces of seed 4242 attacked for 600 iterations; 18 min of attacks and 6 min of training on 2
 cores; the same command reproduces them up to floating-point differences between CPUs).
-A Flower app bundle carries text files only, so under `flwr run` give `restorer_params.model`.
+A Flower app bundle carries text files only: under `flwr run` the bundle's copy of this
+package has no weights, and the shipped file is read from the installed project instead.
 For another model or resolution, train your own (it writes `<FL_SIM_HOME>/restorers/
 artefact-net/restorer.pt`) and set `restorer_params.model` to it.
 """
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +40,33 @@ DEFAULT_NAME = "artefact-net"
 WEIGHTS = "restorer.pt"
 SHIPPED = Path(__file__).resolve().parent / "weights" / "artefact-net.pt"
 SHIPPED_SHA256 = "58a9f24d8aa876115f0e1887e031c40786906f585c5b5be37851befb063f10e2"
+
+
+def installed_copy(relative: str) -> Path | None:
+    """`relative` (a path inside the project) in the installed fl-sim distribution: its
+    source folder for an editable install, site-packages otherwise; None when fl-sim is not
+    installed. Flower's app bundle carries text files only, so a ServerApp running from the
+    bundle finds the shipped weights here."""
+    from importlib import metadata
+    from urllib.parse import unquote, urlparse
+
+    try:
+        dist = metadata.distribution("fl-sim")
+    except metadata.PackageNotFoundError:
+        return None
+    direct = json.loads(dist.read_text("direct_url.json") or "{}")
+    if direct.get("dir_info", {}).get("editable") and direct.get("url", "").startswith("file:"):
+        return Path(unquote(urlparse(direct["url"]).path)) / relative
+    return Path(str(dist.locate_file(relative)))
+
+
+def shipped_weights() -> Path:
+    """The shipped network's file: beside this module, or (under `flwr run`, whose bundle
+    has no binary files) in the installed project."""
+    if SHIPPED.exists():
+        return SHIPPED
+    other = installed_copy("attacks/restorers/weights/artefact-net.pt")
+    return other if other is not None and other.exists() else SHIPPED
 
 
 def default_model_dir() -> Path:
@@ -101,7 +130,8 @@ def save_network(net: RestorationNet, path: Path, meta: dict) -> str:
 
 def load_network(model: str | Path | None = None, device: str | torch.device = "cpu") -> tuple[RestorationNet, dict]:
     """The network in `model` (a restorer.pt or its directory), or the shipped one."""
-    path = Path(model).expanduser() if model else SHIPPED
+    shipped = shipped_weights()
+    path = Path(model).expanduser() if model else shipped
     if path.is_dir():
         path = path / WEIGHTS
     if not path.exists():
@@ -109,7 +139,7 @@ def load_network(model: str | Path | None = None, device: str | torch.device = "
             f"no artefact restoration network at {path}; train one offline with `fl-sim restorer train-artefact "
             "CONFIG` (the config the attack runs under: its model and resolution; about half an hour on 2 "
             "cores) and set restorer_params.model to the restorer.pt it writes")
-    if path == SHIPPED:
+    if path == shipped:
         digest = hashlib.sha256(path.read_bytes()).hexdigest()
         if digest != SHIPPED_SHA256:
             raise ArtefactModelMissing(f"{path} has sha256 {digest}, not the shipped {SHIPPED_SHA256}; restore it "
