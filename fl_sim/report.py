@@ -4,6 +4,8 @@ from __future__ import annotations
 import base64
 import io
 import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -45,17 +47,51 @@ def _round_ticks(ax, rounds: pd.Series) -> None:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 
-def accuracy_figure(rounds: pd.DataFrame) -> str | None:
+def accuracy_figure(rounds: pd.DataFrame, mark: int | None = None) -> str | None:
+    """Test accuracy per round; `mark`: a round to draw a line at (the one whose model was kept)."""
     rounds = rounds.dropna(subset=["test_accuracy"])
     if rounds.empty:
         return None
     fig, ax = plt.subplots(figsize=(5, 3))
-    ax.plot(rounds["round"], rounds["test_accuracy"] * 100, marker="o")
+    ax.plot(rounds["round"], rounds["test_accuracy"] * 100, marker="o" if len(rounds) <= 50 else None)
+    if mark is not None:
+        ax.axvline(mark, color="tab:red", alpha=0.6, linestyle="--")
     ax.set_xlabel("round")
     _round_ticks(ax, rounds["round"])
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     return _figure_uri(fig)
+
+
+@dataclass
+class TrainingHistory:
+    """The federation run that trained the attacked model (`model.weights` inside a run directory)."""
+
+    run: Path
+    round: int  # the round whose global model was attacked
+    rounds: pd.DataFrame
+
+    @property
+    def accuracy(self) -> float:
+        row = self.rounds[self.rounds["round"] == self.round]["test_accuracy"]
+        return float(row.iloc[0]) if len(row) else float("nan")
+
+
+def training_history(config: ExperimentConfig) -> TrainingHistory | None:
+    """Where the attacked model came from, when `model.weights` is a run's `global_model.pt` or
+    `models/round-NNN.pt` and that run's rounds.csv is still there; else None. An attack on a
+    trained model is read against how far it learned."""
+    if not config.model.weights:
+        return None
+    weights = Path(config.model.weights).expanduser()
+    match = re.fullmatch(r"round-(\d+)\.pt", weights.name)
+    run = weights.parent.parent if match and weights.parent.name == "models" else weights.parent
+    if not (match or weights.name == "global_model.pt") or not (run / "rounds.csv").is_file():
+        return None
+    rounds = pd.read_csv(run / "rounds.csv")
+    if rounds.empty or "test_accuracy" not in rounds:
+        return None
+    return TrainingHistory(run, int(match.group(1)) if match else int(rounds["round"].max()), rounds)
 
 
 def leakage_figure(metrics: pd.DataFrame, metric: str = "psnr") -> str | None:
@@ -167,6 +203,7 @@ def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None
     metrics = run.metrics_frame()
     rounds = run.rounds_frame()
     table = summary_table(metrics) if not metrics.empty else pd.DataFrame()
+    history = training_history(config)
 
     victims = []
     for (rnd, client), grp in metrics.groupby(["round", "client"], sort=True):
@@ -187,6 +224,8 @@ def write_report(run: RunDirectory, extra_sections: list[tuple[str, str]] | None
         config_yaml=config.to_yaml(),
         privacy=_privacy(config),
         accuracy=accuracy_figure(rounds) if not rounds.empty else None,
+        history=history,
+        history_figure=accuracy_figure(history.rounds, mark=history.round) if history else None,
         leakage=leakage_figure(metrics) if not metrics.empty else None,
         table_columns=list(table.columns),
         table_rows=_rows(table),

@@ -60,6 +60,7 @@ REPORT_TEMPLATE = """<!doctype html>
 <div class="figs">
 {% if accuracy %}<figure><img src="{{ accuracy }}" alt="test accuracy per round"><figcaption>Test accuracy per round</figcaption></figure>{% endif %}
 {% if leakage %}<figure><img src="{{ leakage }}" alt="leakage per round"><figcaption>Leakage (mean PSNR) per round</figcaption></figure>{% endif %}
+{% if history_figure %}<figure><img src="{{ history_figure }}" alt="how the attacked model was trained"><figcaption>The federation that trained the attacked model ({{ history.run }}): test accuracy per round; the attacked model is round {{ history.round }}'s ({{ '%.1f' % (history.accuracy * 100) }} %)</figcaption></figure>{% endif %}
 </div>
 
 {% for title, html in extra_sections %}

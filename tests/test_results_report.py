@@ -159,3 +159,23 @@ def test_report_says_which_model_was_attacked(tmp_path):
     html = write_report(RunDirectory.create(tmp_path / "trained", trained)).read_text()
     assert "starting from the trained weights runs/demo-train/global_model.pt" in html
     assert "starting untrained" in write_report(RunDirectory.create(tmp_path / "new", ExperimentConfig(name="u"))).read_text()
+
+
+def test_report_of_an_attack_on_a_trained_model_shows_how_it_was_trained(tmp_path):
+    """`make demo`'s audit attacks the model another run trained: its report carries that run's
+    accuracy curve and names the round and accuracy of the attacked model."""
+    from fl_sim.config import ModelConfig
+
+    train = tmp_path / "train"
+    (train / "models").mkdir(parents=True)
+    pd.DataFrame({"round": [1, 2, 3, 4], "test_accuracy": [0.025, 0.3, 0.6, 0.85]}).to_csv(train / "rounds.csv", index=False)
+    for weights, shown in [(train / "global_model.pt", "round 4's (85.0 %)"),
+                           (train / "models" / "round-002.pt", "round 2's (30.0 %)")]:
+        weights.touch()
+        config = ExperimentConfig(name="audit", model=ModelConfig(name="resnet18", weights=str(weights)))
+        html = write_report(RunDirectory.create(tmp_path / weights.stem, config)).read_text()
+        assert f"The federation that trained the attacked model ({train})" in html
+        assert f"the attacked model is {shown}" in html
+    (train / "rounds.csv").unlink()  # the training run is gone: the report still renders, without it
+    html = write_report(RunDirectory.create(tmp_path / "gone", config)).read_text()
+    assert "The federation that trained" not in html
