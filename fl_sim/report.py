@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import io
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,17 +80,15 @@ def training_history(config: ExperimentConfig) -> TrainingHistory | None:
     """Where the attacked model came from, when `model.weights` is a run's `global_model.pt` or
     `models/round-NNN.pt` and that run's rounds.csv is still there; else None. An attack on a
     trained model is read against how far it learned."""
-    if not config.model.weights:
+    saved_by = RunDirectory.of_model(config.model.weights) if config.model.weights else None
+    if saved_by is None or not (saved_by[0] / "rounds.csv").is_file():
         return None
-    weights = Path(config.model.weights).expanduser()
-    match = re.fullmatch(r"round-(\d+)\.pt", weights.name)
-    run = weights.parent.parent if match and weights.parent.name == "models" else weights.parent
-    if not (match or weights.name == "global_model.pt") or not (run / "rounds.csv").is_file():
-        return None
+    run, rnd = saved_by
+    # the exported CSV, not the run's store: reading another run must not touch its directory
     rounds = pd.read_csv(run / "rounds.csv")
     if rounds.empty or "test_accuracy" not in rounds:
         return None
-    return TrainingHistory(run, int(match.group(1)) if match else int(rounds["round"].max()), rounds)
+    return TrainingHistory(run, rnd if rnd is not None else int(rounds["round"].max()), rounds)
 
 
 def leakage_figure(metrics: pd.DataFrame, metric: str = "psnr") -> str | None:

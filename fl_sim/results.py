@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -275,6 +276,19 @@ class RunDirectory:
 
     def model_path(self, server_round: int) -> Path:
         return self.path / "models" / f"round-{server_round:03d}.pt"
+
+    @staticmethod
+    def of_model(weights: str | Path) -> tuple[Path, int | None] | None:
+        """The run directory a model file was saved by, and its round (None for
+        `global_model.pt`, the latest); None when it is not a file a run writes (the inverse of
+        `model_path` and the global_model.pt export)."""
+        weights = Path(weights).expanduser()
+        if weights.name == "global_model.pt":
+            return weights.parent, None
+        match = re.fullmatch(r"round-(\d+)\.pt", weights.name)
+        if match and weights.parent.name == "models":
+            return weights.parent.parent, int(match.group(1))
+        return None
 
     def metrics_frame(self) -> pd.DataFrame:
         cols = [f.name for f in dataclasses.fields(AttackRecord)]

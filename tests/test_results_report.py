@@ -179,3 +179,11 @@ def test_report_of_an_attack_on_a_trained_model_shows_how_it_was_trained(tmp_pat
     (train / "rounds.csv").unlink()  # the training run is gone: the report still renders, without it
     html = write_report(RunDirectory.create(tmp_path / "gone", config)).read_text()
     assert "The federation that trained" not in html
+
+
+def test_a_saved_model_file_names_its_run_and_round(tmp_path):
+    run = RunDirectory.create(tmp_path / "run", ExperimentConfig(name="r"))
+    assert RunDirectory.of_model(run.model_path(7)) == (run.path, 7)
+    assert RunDirectory.of_model(run.path / "global_model.pt") == (run.path, None)
+    assert RunDirectory.of_model(tmp_path / "mine.pt") is None
+    assert RunDirectory.of_model(tmp_path / "round-007.pt") is None  # not under a run's models/
