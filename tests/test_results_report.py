@@ -152,7 +152,7 @@ def test_report_states_the_local_dp_epsilon_of_a_gaussian_defense(tmp_path):
 
 def test_report_says_which_model_was_attacked(tmp_path):
     """An audit of a trained model and one of an untrained model read alike otherwise; the
-    leakage of the two differs by several dB (README, "Leakage from the trained model")."""
+    leakage of the two differs by several dB (docs/measurements.md, "Leakage from the trained model")."""
     from fl_sim.config import ModelConfig
 
     trained = ExperimentConfig(name="t", model=ModelConfig(name="resnet18", weights="runs/demo-train/global_model.pt"))
