@@ -74,6 +74,10 @@ class RoundRecord:
 # dataclass field types are strings here (postponed annotations)
 _SQL_TYPES = {"int": "INTEGER", "float": "REAL", "str": "TEXT"}
 
+# The latest global model's file in a run directory: written by the exports below and
+# recognised by `RunDirectory.of_model`, so writer and reader share one spelling.
+GLOBAL_MODEL_FILE = "global_model.pt"
+
 
 def _table_sql(name: str, cls: type, key: tuple[str, ...]) -> str:
     cols = ", ".join(f"{f.name} {_SQL_TYPES[str(f.type)]}"
@@ -237,7 +241,7 @@ class RunDirectory:
         checkpoints removed. A kill at any point leaves the last committed round loadable."""
         path = self.save_model(state, checkpoint=server_round)
         self.set_state(key, str(server_round).encode())
-        _link(path, self.path / "global_model.pt")
+        _link(path, self.path / GLOBAL_MODEL_FILE)
         if server_round in keep:
             _link(path, self.model_path(server_round))
         for old in path.parent.glob("round-*.pt"):
@@ -267,7 +271,7 @@ class RunDirectory:
         if checkpoint is not None:
             path = self.checkpoint_path(checkpoint)
         else:
-            path = self.path / "global_model.pt" if server_round is None else self.model_path(server_round)
+            path = self.path / GLOBAL_MODEL_FILE if server_round is None else self.model_path(server_round)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
@@ -283,7 +287,7 @@ class RunDirectory:
         `global_model.pt`, the latest); None when it is not a file a run writes (the inverse of
         `model_path` and the global_model.pt export)."""
         weights = Path(weights).expanduser()
-        if weights.name == "global_model.pt":
+        if weights.name == GLOBAL_MODEL_FILE:
             return weights.parent, None
         match = re.fullmatch(r"round-(\d+)\.pt", weights.name)
         if match and weights.parent.name == "models":
