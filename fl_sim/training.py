@@ -30,7 +30,9 @@ def train_mode(model: nn.Module, bn_mode: str = "train") -> nn.Module:
 def calibrate_batchnorm(model: nn.Module, inputs: torch.Tensor) -> nn.Module:
     """Every BatchNorm layer's running statistics set to the mean and (unbiased) variance of
     its input over all of `inputs`, in one batch (a few hundred faces: a chunked pass would
-    average the chunks' statistics, not the images'); the weights are untouched."""
+    average the chunks' statistics, not the images'); the weights are untouched. Under no_grad
+    the peak is a few layers' activations: measured 78 MB above the process for ResNet18 and
+    104 MB for MobileNetV2 on the demo's 100 public faces at 64 px."""
     layers = batchnorm_layers(model)
     momenta = [m.momentum for m in layers]
     modes = [(m, m.training) for m in model.modules()]
