@@ -32,13 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["attack", "target", "budget", "queries", "oracle_similarity", "critic_similarity", "rank1",
            "defense", "flagged_at", "stopped_by"]
 # Razzhigaev et al., Table 2 (ArcFace oracle, FaceNet critic): (queries, oracle, critic)
 PAPER = {"eigenface": (50_000, 0.97, 0.62), "blobs": (300_000, 0.90, 0.45)}
+
+
+SPLITS = ("dev", "eval", "extra")  # settings are chosen on dev; eval and extra report
 
 
 class BenchConfig(BaseModel):
@@ -70,6 +73,19 @@ class BenchConfig(BaseModel):
         for name, settings in attacks.items():
             BLACKBOX.get(settings.get("method", name))  # UnknownName: names the black-box attacks there are
         return attacks
+
+    @model_validator(mode="after")
+    def _splits_disjoint(self) -> "BenchConfig":
+        # a person whose results chose the settings must not also be counted in their evaluation
+        splits = {split: set(self.targets(split)) for split in SPLITS}
+        for i, a in enumerate(SPLITS):
+            for b in SPLITS[i + 1:]:
+                if shared := sorted(splits[a] & splits[b]):
+                    raise ValueError(f"{a}_targets and {b}_targets share {shared}: the splits must be disjoint")
+        return self
+
+    def targets(self, split: str) -> list[int]:
+        return {"dev": self.dev_targets, "eval": self.eval_targets, "extra": self.extra_targets}[split]
 
 
 def load_bench_config(path: str | Path, overrides: dict[str, Any]) -> BenchConfig:
@@ -267,7 +283,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fl-sim bench eigenface", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=str(ROOT / "configs" / "bench" / "eigenface.yaml"))
     p.add_argument("--out", help="run folder (default runs/eigenface-<split>-<time>); an existing one continues")
-    p.add_argument("--split", choices=["eval", "dev", "extra"], default="eval",
+    p.add_argument("--split", choices=SPLITS, default="eval",
                    help="the config's eval_targets, dev_targets or extra_targets")
     p.add_argument("--targets", type=int, help="only the first N targets of the split")
     p.add_argument("--budget", type=int, help="the largest budget (smaller configured budgets kept)")
@@ -290,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     console = Console()
     config = load_bench_config(args.config, {"workers": args.workers})
-    targets = {"eval": config.eval_targets, "dev": config.dev_targets, "extra": config.extra_targets}[args.split]
+    targets = config.targets(args.split)
     targets = targets[: args.targets] if args.targets else targets
     budgets = sorted(b for b in config.budgets if args.budget is None or b <= args.budget)
     if args.budget and args.budget not in budgets:

@@ -283,3 +283,18 @@ def test_bench_config_names_variants_by_method_and_rejects_unknown_ones(tmp_path
     path.write_text(yaml.safe_dump({"attacks": {"eigenface-jitter": {"probe_jitter": 4}}}))
     with pytest.raises(ValueError, match="eigenface-jitter.*allowed.*blobs"):
         load_bench_config(path, {})
+
+
+def test_bench_splits_are_disjoint_in_the_shipped_config_and_an_overlap_is_refused(tmp_path):
+    import yaml
+
+    from benchmarks.eigenface_table import ROOT, SPLITS, load_bench_config
+
+    shipped = load_bench_config(ROOT / "configs" / "bench" / "eigenface.yaml", {})
+    people = [p for split in SPLITS for p in shipped.targets(split)]
+    assert sorted(people) == list(range(40))  # ORL's 40 people, each in exactly one split
+    assert len(shipped.targets("extra")) == 22
+    path = tmp_path / "b.yaml"
+    path.write_text(yaml.safe_dump({"dev_targets": [1, 2], "eval_targets": [3], "extra_targets": [2, 4]}))
+    with pytest.raises(ValueError, match=r"dev_targets and extra_targets share \[2\]"):
+        load_bench_config(path, {})
