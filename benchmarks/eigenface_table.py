@@ -22,6 +22,7 @@ continues with the same --out.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from collections.abc import Sequence
@@ -77,15 +78,14 @@ class BenchConfig(BaseModel):
     @model_validator(mode="after")
     def _splits_disjoint(self) -> "BenchConfig":
         # a person whose results chose the settings must not also be counted in their evaluation
-        splits = {split: set(self.targets(split)) for split in SPLITS}
-        for i, a in enumerate(SPLITS):
-            for b in SPLITS[i + 1:]:
-                if shared := sorted(splits[a] & splits[b]):
-                    raise ValueError(f"{a}_targets and {b}_targets share {shared}: the splits must be disjoint")
+        for a, b in itertools.combinations(SPLITS, 2):
+            if shared := sorted(set(self.targets(a)) & set(self.targets(b))):
+                raise ValueError(f"{a}_targets and {b}_targets share {shared}: the splits must be disjoint")
         return self
 
     def targets(self, split: str) -> list[int]:
-        return {"dev": self.dev_targets, "eval": self.eval_targets, "extra": self.extra_targets}[split]
+        """The people of a split: the `<split>_targets` field, one per name in SPLITS."""
+        return getattr(self, f"{split}_targets")
 
 
 def load_bench_config(path: str | Path, overrides: dict[str, Any]) -> BenchConfig:
