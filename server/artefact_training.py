@@ -140,6 +140,9 @@ def make_bank(settings: ArtefactSettings, progress: bool = True) -> dict:
             report = CallbackProgress(lambda it, total, loss, done=start * settings.iterations, k=len(part):
                                       bar.update(task, completed=done + it * k, loss=f"{loss:.3f}"))
             invert_together(attack, part, progress=report, device=settings.device)
+            if not progress:  # a log without the bar still shows how far the bank has come
+                console.print(f"artefacts: {start + len(part)}/{len(cases)} faces attacked "
+                              f"({time.perf_counter() - t0:.0f} s)")
     seconds = time.perf_counter() - t0
     iterates = torch.stack([torch.cat([store[id(c)][s] for s in snapshots]) for c in cases])  # (N, S, C', H, W)
     c = iterates.shape[2]
@@ -268,6 +271,8 @@ def train(settings: ArtefactSettings, resume: bool = False, progress: bool = Tru
                 bar.update(task, completed=step, loss=f"{loss_ema:.4f}")
                 if step % settings.checkpoint_every == 0:
                     checkpoint()
+                    if not progress:
+                        console.print(f"artefact-net: step {step}/{settings.steps}, L1 {loss_ema:.4f}")
     except KeyboardInterrupt:
         checkpoint()
         raise
