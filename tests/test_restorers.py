@@ -138,7 +138,7 @@ def test_diffusion_loads_an_untrained_unet_directory(tmp_path):
     assert torch.equal(out[:, 0], out[:, 1])  # a one-channel model gives grey
 
 
-def test_training_resumes_and_refuses_to_overwrite(ddpm_dir):
+def test_training_resumes_and_refuses_to_overwrite(ddpm_dir, capsys):
     import json
 
     from attacks.restorers.train import main
@@ -147,8 +147,10 @@ def test_training_resumes_and_refuses_to_overwrite(ddpm_dir):
     common = ["--out", str(ddpm_dir), "--size", "16", "--images", "24", "--batch", "4", "--channels", "8,16",
               "--no-progress", "--timesteps", "100"]
     assert main(common + ["--steps", "5"]) == 2  # exists, no --resume
+    capsys.readouterr()
     assert main(common + ["--steps", "5", "--resume"]) == 0
     assert json.loads((ddpm_dir / "training.json").read_text())["step"] == 5
+    assert "ddpm: step 5/5, loss" in capsys.readouterr().out  # without the bar, a line per checkpoint
     assert main(common[:3] + ["32"] + common[4:] + ["--steps", "6", "--resume"]) == 2  # shape change
 
 

@@ -128,8 +128,10 @@ def save_checkpoint(out: Path, step: int, model, ema, opt, settings: TrainSettin
     (out / "training.json").write_text(json.dumps({"step": step, **asdict(settings)}, indent=2))
 
 
-def train(s: TrainSettings, resume: bool = False, progress: bool = True) -> Path:
-    """Train (or continue) and return the output directory."""
+def train(s: TrainSettings, resume: bool = False, progress: bool = True,
+          log: Callable[[str], None] = print) -> Path:
+    """Train (or continue) and return the output directory. Without the progress bar (a log
+    file, CI), `log` gets the step, loss and rate at every checkpoint instead."""
     import copy
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -199,6 +201,9 @@ def train(s: TrainSettings, resume: bool = False, progress: bool = True) -> Path
                 bar.update(task, completed=step, loss=f"{loss_ema:.4f}", rate=f"{rate:.1f} it/s")
                 if step % s.checkpoint_every == 0 or step == s.steps:
                     save_checkpoint(out, step, model, ema, opt, s, gen, scheduler)
+                    if not progress:
+                        log(f"ddpm: step {step}/{s.steps}, loss {loss_ema:.4f}, {rate:.1f} it/s, "
+                            f"{time.perf_counter() - t0:.0f} s")
     except KeyboardInterrupt:
         save_checkpoint(out, step, model, ema, opt, s, gen, scheduler)
         raise
