@@ -15,8 +15,9 @@ rank-1 identification among all enrolled identities' critic templates.
 Writes into the run folder: eigenface.csv (one row per attack, target, budget: attack,
 target, budget, queries, oracle_similarity, critic_similarity, rank1, then defense,
 flagged_at, stopped_by), table.md (Table 2 layout beside the paper's figures, and paired
-differences eigenface - blobs per budget with 95 % t intervals), trajectories.png, grid.png
-and report.html; jobs/ holds each search's folder (checkpoint, trajectory): a stopped run
+differences eigenface - blobs per budget with 95 % t intervals), trajectories.png, critic.png
+(the critic's similarity against queries, between a real photo's same- and different-person
+levels), grid.png and report.html; jobs/ holds each search's folder (checkpoint, trajectory): a stopped run
 continues with the same --out.
 """
 from __future__ import annotations
@@ -168,7 +169,16 @@ def run_job(job: Job) -> dict:
 # judging the reconstructions with the critic
 
 
-def judge(config: BenchConfig, jobs: list[Job], results: dict[str, dict]):
+@dataclass(frozen=True)
+class Judgement:
+    frame: Any  # pandas.DataFrame, one row per attack, target, budget (COLUMNS)
+    # what a real photo scores, judged as a reconstruction is (its mean cosine to held-out
+    # photos): each enrolment photo against its own person's and against everyone else's
+    same_person: float
+    different_person: float
+
+
+def judge(config: BenchConfig, jobs: list[Job], results: dict[str, dict]) -> Judgement:
     import numpy as np
     import pandas as pd
     import torch
@@ -179,20 +189,23 @@ def judge(config: BenchConfig, jobs: list[Job], results: dict[str, dict]):
     critic = embedder(config.critic)
     faces = faces_by_identity(config.dataset, config.root)
     gallery_ids = sorted(faces)
-    gallery = np.stack([template_of(critic.embed(faces[i][:config.enroll_images])) for i in gallery_ids])
+    enrolled = {i: critic.embed(faces[i][:config.enroll_images]) for i in gallery_ids}
+    held_out = {i: critic.embed(faces[i][config.enroll_images:]) for i in gallery_ids}
+    gallery = np.stack([template_of(enrolled[i]) for i in gallery_ids])
+    same = [float((held_out[i] @ enrolled[i].T).mean()) for i in gallery_ids]
+    different = [float((held_out[j] @ enrolled[i].T).mean()) for i in gallery_ids for j in gallery_ids if j != i]
     rows = []
     for job in jobs:
         res = results[job.folder]
         snaps = torch.load(Path(job.folder) / "snapshots.pt", weights_only=True)
-        held_out = critic.embed(faces[job.target][config.enroll_images:])
         for budget in job.budgets:
             emb = critic.embed(snaps[budget][None])[0]
-            critic_sim = float((held_out @ emb).mean())
+            critic_sim = float((held_out[job.target] @ emb).mean())
             rank1 = int(gallery_ids[int(np.argmax(gallery @ emb))] == job.target)
             queries = min(budget, res["summary"]["queries"])
             rows.append([job.attack, job.target, budget, queries, best_at(res["trajectory"], budget), critic_sim,
                          rank1, job.defense, res["flagged_at"], res["summary"]["stopped_by"]])
-    return pd.DataFrame(rows, columns=COLUMNS)
+    return Judgement(pd.DataFrame(rows, columns=COLUMNS), float(np.mean(same)), float(np.mean(different)))
 
 
 def table_markdown(frame, header: str, references: Sequence[str] = ("blobs",)) -> str:
@@ -220,7 +233,7 @@ def table_markdown(frame, header: str, references: Sequence[str] = ("blobs",)) -
     return "\n".join(lines)
 
 
-def figures(frame, jobs: list[Job], results: dict[str, dict], out: Path, config: BenchConfig) -> None:
+def figures(judgement: Judgement, jobs: list[Job], results: dict[str, dict], out: Path, config: BenchConfig) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -228,6 +241,7 @@ def figures(frame, jobs: list[Job], results: dict[str, dict], out: Path, config:
     import torch
     from torchvision.utils import save_image
 
+    critic_plot(judgement, out / "critic.png", config.critic)
     fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     colours = {"eigenface": "tab:blue", "blobs": "tab:orange"}
     for job in jobs:
@@ -259,6 +273,35 @@ def figures(frame, jobs: list[Job], results: dict[str, dict], out: Path, config:
         save_image(torch.stack(tiles), out / "grid.png", nrow=columns, padding=2, pad_value=1.0)
 
 
+def critic_plot(judgement: Judgement, path: Path, critic: str) -> None:
+    """The critic's similarity at each budget, per attack and defense setting (mean, and each
+    target's thin line), between what a real photo of the same person and of a stranger score:
+    how close the reconstruction comes to the person as a recogniser the attack never queried sees it."""
+    import matplotlib.pyplot as plt
+
+    frame = judgement.frame
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for n, ((attack, defense), part) in enumerate(frame.groupby(["attack", "defense"], sort=False)):
+        colour = f"C{n}"
+        for _, one in part.groupby("target"):
+            ax.plot(one["budget"], one["critic_similarity"], color=colour, alpha=0.2, lw=0.8)
+        mean = part.groupby("budget")["critic_similarity"].mean()
+        label = attack if defense == "none" else f"{attack} ({defense})"
+        ax.plot(mean.index, mean.values, color=colour, lw=2, marker="o", label=label)
+    for level, text in ((judgement.same_person, "a real photo of the person"),
+                        (judgement.different_person, "a real photo of a stranger")):
+        ax.axhline(level, color="black", ls="--", lw=1)
+        ax.annotate(f"{text} ({level:.2f})", (0.01, level), xycoords=("axes fraction", "data"),
+                    xytext=(0, 3), textcoords="offset points", fontsize=8)
+    ax.set_xlabel("queries")
+    ax.set_ylabel(f"critic ({critic}) similarity to the target's photos")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def report(out: Path, markdown: str, jobs: list[Job]) -> None:
     import html
 
@@ -272,6 +315,9 @@ pre{{white-space:pre-wrap}}</style></head><body><h1>Similarity-only reconstructi
 image of the target, then {attacks} at budgets {budgets}.</p>
 <img src="grid.png" alt="grid" style="max-width:100%">
 <h2>Best oracle similarity against queries</h2><img src="trajectories.png" alt="trajectories">
+<h2>The critic's similarity against queries</h2><p>The independent critic, never queried, at each budget:
+each target's line and the mean, between what a real photo of the same person and of a stranger
+score.</p><img src="critic.png" alt="critic similarity against queries">
 <h2>Table</h2><pre>{body}</pre></body></html>
 """)
 
@@ -361,14 +407,17 @@ def main(argv: list[str] | None = None) -> int:
         if service is not None:
             service.terminate()
             service.wait(timeout=30)
-    frame = judge(config, jobs, results)
+    judgement = judge(config, jobs, results)
+    frame = judgement.frame
     frame.to_csv(out / "eigenface.csv", index=False)
     header = (f"Similarity-only reconstruction of {len(targets)} {config.dataset} {args.split} identities "
               f"({config.backend} oracle over {args.oracle}, {config.critic} critic, {config.enroll_images} "
-              f"enrolment images each; critic similarity = mean cosine to the target's other images).")
+              f"enrolment images each; critic similarity = mean cosine to the target's other images; "
+              f"a real photo scores {judgement.same_person:.2f} for its own person, "
+              f"{judgement.different_person:.2f} for a stranger).")
     markdown = table_markdown(frame, header, config.references)
     (out / "table.md").write_text(markdown + "\n")
-    figures(frame, jobs, results, out, config)
+    figures(judgement, jobs, results, out, config)
     report(out, markdown, jobs)
     console.print(markdown, markup=False, highlight=False)
     console.print(f"eigenface.csv, table.md, grid.png, report.html in [bold]{out}[/]")

@@ -3,6 +3,8 @@ attacks/blackbox.py): the basis learns faces, the search is elitist, keeps its b
 query, counts as the service counts, and resumes to the same result."""
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -204,8 +206,12 @@ def test_bench_writes_its_table_and_a_rerun_redoes_nothing(basis, tmp_path):
     # the mean face is a face: the gate lets the eigenface search start, and candidates it
     # refuses later are left out, so the search spends its whole budget
     assert gated.loc["eigenface", "queries"] == 200 and gated.loc["eigenface", "stopped_by"] == "budget"
-    for name in ("table.md", "grid.png", "trajectories.png", "report.html"):
+    for name in ("table.md", "grid.png", "trajectories.png", "critic.png", "report.html"):
         assert (out / name).stat().st_size > 0
+    # the critic's scale beside the table: a real photo of the person scores far above a stranger's
+    same, different = map(float, re.search(r"scores (\S+) for its own person, (\S+) for a stranger",
+                                           (out / "table.md").read_text()).groups())
+    assert 0.6 < same < 0.95 and 0.1 < different < 0.45
     done = {p: p.stat().st_mtime_ns for p in (out / "jobs").glob("*/result.json")}
     assert len(done) == 4
     assert main(argv) == 0
