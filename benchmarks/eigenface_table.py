@@ -369,6 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in parse_params(args.params).items():
         attack, _, setting = key.partition(".")
         overrides.setdefault(attack, {})[setting] = value
+    from attacks.blackbox import build_blackbox
+
+    for name in attacks:  # a bad setting is named now, not by every worker after the run folder exists
+        params = {**config.attacks[name], **overrides.get(name, {})}
+        try:
+            build_blackbox(params.pop("method", name), f"attack {name!r}", **params)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SystemExit(f"error: {exc.args[0] if exc.args else exc}") from None
     out = Path(args.out or ROOT / "runs" / f"eigenface-{args.split}-{datetime.now():%Y%m%d-%H%M%S}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps({"config": config.model_dump(), "split": args.split,

@@ -304,3 +304,15 @@ def test_bench_splits_are_disjoint_in_the_shipped_config_and_an_overlap_is_refus
     path.write_text(yaml.safe_dump({"dev_targets": [1, 2], "eval_targets": [3], "extra_targets": [2, 4]}))
     with pytest.raises(ValueError, match=r"dev_targets and extra_targets share \[2\]"):
         load_bench_config(path, {})
+
+
+def test_bench_names_a_bad_setting_before_it_starts(tmp_path):
+    from benchmarks.eigenface_table import main
+
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit, match="'eigenface-aligned': no setting 'probe_jiter'; allowed: .*probe_jitter"):
+        main(["--split", "dev", "--targets", "1", "--budget", "100", "--out", str(out),
+              "--param", "eigenface-aligned.probe_jiter=3"])
+    with pytest.raises(SystemExit, match="'blobs': budget, batch and starts must be >= 1"):
+        main(["--split", "dev", "--targets", "1", "--budget", "100", "--out", str(out), "--param", "blobs.batch=0"])
+    assert not out.exists()  # nothing started, nothing to clean up
