@@ -17,8 +17,8 @@ target, budget, queries, oracle_similarity, critic_similarity, rank1, then defen
 flagged_at, stopped_by), table.md (Table 2 layout beside the paper's figures, and paired
 differences eigenface - blobs per budget with 95 % t intervals), trajectories.png, critic.png
 (the critic's similarity against queries, between a real photo's same- and different-person
-levels), grid.png and report.html; jobs/ holds each search's folder (checkpoint, trajectory): a stopped run
-continues with the same --out.
+levels), grid.png and report.html; jobs/ holds each search's folder (checkpoint,
+trajectory): a stopped run continues with the same --out.
 """
 from __future__ import annotations
 
