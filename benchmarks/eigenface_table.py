@@ -30,8 +30,9 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from datetime import datetime
+from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -60,6 +61,11 @@ class BenchConfig(BaseModel):
     budgets: list[int] = Field(default_factory=lambda: [10_000, 25_000, 50_000])
     backend: str = "sface-bf16"
     critic: str = "facenet"
+    # how the photos become the 112 px crops the oracle enrolls and the critic judges: `none`
+    # takes the data set's centred square as the crop; `yunet` aligns each photo onto SFace's
+    # five-point template (YuNet's landmarks), as a deployed recognition service enrolls faces.
+    # The attack's images are crops either way (the service passes a 112 x 112 image untouched).
+    alignment: Literal["none", "yunet"] = "none"
     # name -> settings; a name other than a black-box attack's says which one in `method`
     # (e.g. `eigenface-jitter: {method: eigenface, probe_jitter: 4}`), so variants sit side by side
     attacks: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"eigenface": {}, "blobs": {}})
@@ -111,6 +117,7 @@ class Job:
     backend: str
     oracle_url: str | None = None
     oracle_key: str | None = None
+    alignment: str = "none"
 
     @property
     def method(self) -> str:
@@ -122,14 +129,20 @@ class Job:
 # the data: enrolment images and held-out images per identity
 
 
-def faces_by_identity(dataset: str, root: str | None, size: int = 112):
-    """{identity: (N, 3, size, size) in [0, 1]} in the data set's order."""
+@lru_cache(maxsize=2)
+def faces_by_identity(dataset: str, root: str | None, size: int = 112, alignment: str = "none"):
+    """{identity: (N, 3, size, size) in [0, 1]} in the data set's order (cached per process:
+    alignment runs YuNet on every photo)."""
     import torch
 
     from fl_sim.data import DataSpec, load_dataset
 
     ds = load_dataset(DataSpec(name=dataset, image_size=size, root=root))
     images = ds.images if ds.images.shape[1] == 3 else ds.images.expand(-1, 3, -1, -1)
+    if alignment == "yunet":  # every photo must align: a service that aligns could not enroll one that does not
+        from fl_sim.face_detection import align_batch
+
+        images, _ = align_batch(images, size)
     ids = ds.identities
     return {int(i): images[ids == i] for i in torch.unique(ids).tolist()}
 
@@ -150,7 +163,7 @@ def run_job(job: Job) -> dict:
     done = folder / "result.json"  # written last: the job is complete
     if done.exists():
         return json.loads(done.read_text())
-    faces = faces_by_identity(job.dataset, job.root)[job.target]
+    faces = faces_by_identity(job.dataset, job.root, alignment=job.alignment)[job.target]
     if job.oracle_url:
         oracle = HttpOracle(job.oracle_url, job.oracle_key, f"id{job.target}")
     else:
@@ -187,7 +200,7 @@ def judge(config: BenchConfig, jobs: list[Job], results: dict[str, dict]) -> Jud
     from fl_sim.faces import embedder, template_of
 
     critic = embedder(config.critic)
-    faces = faces_by_identity(config.dataset, config.root)
+    faces = faces_by_identity(config.dataset, config.root, alignment=config.alignment)
     gallery_ids = sorted(faces)
     enrolled = {i: critic.embed(faces[i][:config.enroll_images]) for i in gallery_ids}
     held_out = {i: critic.embed(faces[i][config.enroll_images:]) for i in gallery_ids}
@@ -259,7 +272,7 @@ def figures(judgement: Judgement, jobs: list[Job], results: dict[str, dict], out
     plt.close(fig)
 
     # grid: per (defense, target) a row: a held-out real image, then each attack at each budget
-    faces = faces_by_identity(config.dataset, config.root)
+    faces = faces_by_identity(config.dataset, config.root, alignment=config.alignment)
     tiles, columns = [], None
     for defense, target in dict.fromkeys((j.defense, j.target) for j in jobs):
         row = [faces[target][config.enroll_images]]
@@ -337,6 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", default="none",
                    help="comma-separated oracle defense settings from the config, or 'all' (default: none)")
     p.add_argument("--workers", type=int, help="parallel searches (processes)")
+    p.add_argument("--alignment", choices=["none", "yunet"],
+                   help="how photos become crops (default: the config's): yunet aligns them as a service would")
     p.add_argument("--oracle", choices=["inprocess", "http"], default="inprocess",
                    help="http: start the real service on loopback and attack it over HTTP")
     p.add_argument("--param", dest="params", action="append", default=[],
@@ -351,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     console = Console()
-    config = load_bench_config(args.config, {"workers": args.workers})
+    config = load_bench_config(args.config, {"workers": args.workers, "alignment": args.alignment})
     targets = config.targets(args.split)
     targets = targets[: args.targets] if args.targets else targets
     budgets = sorted(b for b in config.budgets if args.budget is None or b <= args.budget)
@@ -387,17 +402,24 @@ def main(argv: list[str] | None = None) -> int:
     url = key = None
     if args.oracle == "http":
         service, url, key = start_http_oracle(out, config, targets, defenses)
-    jobs = [Job(a, t, d, {**config.attacks[a], **overrides.get(a, {})}, config.defenses[d], max(budgets),
+    def settings(attack: str) -> dict:
+        params = {**config.attacks[attack], **overrides.get(attack, {})}
+        if config.alignment != "none" and params.get("method", attack) == "eigenface":
+            params.setdefault("alignment", config.alignment)  # the public faces aligned as the service aligns
+        return params
+
+    jobs = [Job(a, t, d, settings(a), config.defenses[d], max(budgets),
                 tuple(budgets), str(out / "jobs" / f"{d}-{a}-{t}"), config.dataset, config.root,
-                config.enroll_images, config.backend, url, key)
+                config.enroll_images, config.backend, url, key, config.alignment)
             for d in defenses for t in targets for a in attacks]
     console.print(f"{len(jobs)} searches ({', '.join(attacks)} x {len(targets)} {args.split} targets x "
                   f"defenses {', '.join(defenses)}), up to {max(budgets):,} queries each, "
                   f"{config.workers} at a time, oracle {args.oracle}; [bold]{out}[/]")
-    if any(j.method == "eigenface" and not j.params.get("basis") for j in jobs):
+    for alignment in sorted({j.params.get("alignment", "none") for j in jobs
+                             if j.method == "eigenface" and not j.params.get("basis")}):
         from attacks.blackbox import default_basis
 
-        default_basis(progress=console.print)  # trained once here, not by every worker at once
+        default_basis(alignment=alignment, progress=console.print)  # trained once here, not by every worker
     results: dict[str, dict] = {}
     t0 = time.perf_counter()
     try:
@@ -454,7 +476,7 @@ def start_http_oracle(out: Path, config: BenchConfig, targets: list[int], defens
     db = out / "oracle.sqlite"
     store = Store(db)
     backend = Backend(config.backend, threads=1)
-    faces = faces_by_identity(config.dataset, config.root)
+    faces = faces_by_identity(config.dataset, config.root, alignment=config.alignment)
     for t in targets:
         if not store.has_identity(f"id{t}"):
             crops = (faces[t][:config.enroll_images] * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()

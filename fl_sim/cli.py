@@ -366,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(default: DCGAN faces, never a client's)")
     train.add_argument("--root", help="the data set's folder (image-folder, lfw, celeba)")
     train.add_argument("--faces", type=int, default=4000, help="public faces to train on (default 4000)")
+    train.add_argument("--alignment", choices=["none", "yunet"], default="none",
+                       help="yunet: align the faces onto SFace's template first, as a service that aligns "
+                            "would (faces YuNet finds none in are left out)")
     train.add_argument("--param", dest="params", action="append", default=[],
                        help="key=value training setting: components, symmetry, generative_weight, iterations, "
                             "batch, lr, weight_decay, grey, seed")

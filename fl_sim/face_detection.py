@@ -234,6 +234,26 @@ def align(image: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SIZE) -
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
+def align_batch(images, size: int = TEMPLATE_SIZE, drop_missing: bool = False):
+    """(N, 3, H, W) float images in [0, 1] -> ((M, 3, size, size) aligned crops, the kept indices).
+    A photo in which YuNet finds no face raises (naming it) unless `drop_missing`, which leaves
+    it out: a gallery must not silently lose a photo, a pile of public faces may."""
+    import torch
+
+    detector, crops, kept = face_detector(), [], []
+    for n, image in enumerate(images):
+        rgb = np.ascontiguousarray((image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
+        face = detector.best(rgb)
+        if face is None:
+            if drop_missing:
+                continue
+            raise ValueError(f"no face found in image {n} (YuNet score below {detector.score_threshold})")
+        crops.append(torch.from_numpy(align(rgb, face.landmarks, size)).permute(2, 0, 1).float() / 255)
+        kept.append(n)
+    empty = torch.empty(0, 3, size, size)
+    return (torch.stack(crops) if crops else empty), kept
+
+
 @lru_cache(maxsize=4)
 def face_detector(score_threshold: float = SCORE_THRESHOLD) -> FaceDetector:
     """The shared detector of a process (one per score threshold), built on first use."""

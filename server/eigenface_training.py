@@ -58,6 +58,13 @@ def train_command(args: argparse.Namespace, console) -> int:
     console.print(f"public faces: {args.faces} from {args.dataset!r} at {config.size} px "
                   f"(+{HELD_OUT} held out for the error figure)")
     faces = load_public_faces(args.dataset, args.faces + HELD_OUT, config.size, args.root)
+    if getattr(args, "alignment", "none") == "yunet":
+        from fl_sim.face_detection import align_batch
+
+        faces, kept = align_batch(faces, config.size, drop_missing=True)
+        console.print(f"aligned by YuNet: {len(kept)} of {args.faces + HELD_OUT} faces kept")
+        if len(faces) <= HELD_OUT:
+            raise SystemExit(f"error: only {len(faces)} faces aligned; at least {HELD_OUT + 1} are needed")
     train, held_out = faces[:-HELD_OUT], faces[-HELD_OUT:]
     with Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps, "
                                                                        "loss {task.fields[loss]:.5f}"),
