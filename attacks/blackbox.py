@@ -26,6 +26,7 @@ import torch
 from attacks.eigenfaces import EigenfaceBasis, EigenfaceTrainConfig, public_faces, train_eigenfaces
 from attacks.oracle import SimilarityOracle
 from attacks.score_search import BlobDirections, EigenDirections, SearchConfig, SearchResult, search
+from fl_sim.face_detection import Alignment, align_images
 from fl_sim.registry import Registry, build_settings
 
 # The basis made on first use: this many public DCGAN faces, these settings. iterations=0 is
@@ -33,19 +34,16 @@ from fl_sim.registry import Registry, build_settings
 # basis the search's settings were tuned with; the fully trained autoencoder is
 # `fl-sim eigenfaces train` and `basis=FILE`, not yet shown to search better.
 DEFAULT_PUBLIC_FACES = 4000
-ALIGNMENTS = ("none", "yunet")  # the public faces as generated, or aligned onto SFace's template
 DEFAULT_BASIS = EigenfaceTrainConfig(components=1024, iterations=0)
 
 
 def default_basis(config: EigenfaceTrainConfig = DEFAULT_BASIS, faces: int = DEFAULT_PUBLIC_FACES,
-                  progress: Callable[[str], None] | None = None, alignment: str = "none") -> EigenfaceBasis:
+                  progress: Callable[[str], None] | None = None, alignment: Alignment = "none") -> EigenfaceBasis:
     """The eigenface basis of the default public faces, trained once and cached beside the assets.
     alignment="yunet": the faces are first aligned onto SFace's template, as a service that
     aligns its photos would (the faces YuNet finds none in, about 1.5 %, are left out)."""
     from fl_sim import assets
 
-    if alignment not in ALIGNMENTS:
-        raise ValueError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
     extra = {} if alignment == "none" else {"alignment": alignment}  # the unaligned key is unchanged
     key = hashlib.sha256(json.dumps({**dataclasses.asdict(config), "faces": faces, "v": 1, **extra},
                                     sort_keys=True).encode()).hexdigest()[:16]
@@ -55,11 +53,7 @@ def default_basis(config: EigenfaceTrainConfig = DEFAULT_BASIS, faces: int = DEF
     if progress:
         progress(f"training the eigenface basis on {faces} public DCGAN faces"
                  f"{' aligned by YuNet' if alignment == 'yunet' else ''} (once; cached in {path})")
-    images = public_faces(faces, config.size)
-    if alignment == "yunet":
-        from fl_sim.face_detection import align_batch
-
-        images, _ = align_batch(images, config.size, drop_missing=True)
+    images, _ = align_images(public_faces(faces, config.size), alignment, config.size, drop_missing=True)
     basis = train_eigenfaces(images, config, checkpoint=path.with_suffix(".ckpt"))
     basis.save(path)
     path.with_suffix(".ckpt").unlink(missing_ok=True)
@@ -78,7 +72,7 @@ class EigenfaceConfig(SearchConfig):
     starts: int = 1
     start_iterations: int = 0
     basis: str | None = None  # a basis file (`fl-sim eigenfaces train`); None: the default, trained once
-    alignment: Literal["none", "yunet"] = "none"  # the default basis' public faces aligned as the service aligns
+    alignment: Alignment = "none"  # the default basis' public faces aligned as the service aligns
     start: Literal["mean", "grey"] = "mean"  # the mean public face (the authors' code) or a flat grey image
     grey: bool = False  # grey steps and a grey start (for grey targets)
     components: int | None = None  # search the first N eigenfaces only (None: all of the basis)

@@ -32,10 +32,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from fl_sim.face_detection import ALIGNMENTS, Alignment, align_images
 
 ROOT = Path(__file__).resolve().parents[1]
 COLUMNS = ["attack", "target", "budget", "queries", "oracle_similarity", "critic_similarity", "rank1",
@@ -65,7 +67,7 @@ class BenchConfig(BaseModel):
     # takes the data set's centred square as the crop; `yunet` aligns each photo onto SFace's
     # five-point template (YuNet's landmarks), as a deployed recognition service enrolls faces.
     # The attack's images are crops either way (the service passes a 112 x 112 image untouched).
-    alignment: Literal["none", "yunet"] = "none"
+    alignment: Alignment = "none"
     # name -> settings; a name other than a black-box attack's says which one in `method`
     # (e.g. `eigenface-jitter: {method: eigenface, probe_jitter: 4}`), so variants sit side by side
     attacks: dict[str, dict[str, Any]] = Field(default_factory=lambda: {"eigenface": {}, "blobs": {}})
@@ -139,10 +141,8 @@ def faces_by_identity(dataset: str, root: str | None, size: int = 112, alignment
 
     ds = load_dataset(DataSpec(name=dataset, image_size=size, root=root))
     images = ds.images if ds.images.shape[1] == 3 else ds.images.expand(-1, 3, -1, -1)
-    if alignment == "yunet":  # every photo must align: a service that aligns could not enroll one that does not
-        from fl_sim.face_detection import align_batch
-
-        images, _ = align_batch(images, size)
+    # every photo must align (no drop_missing): a service that aligns could not enroll one that does not
+    images, _ = align_images(images, alignment, size)
     ids = ds.identities
     return {int(i): images[ids == i] for i in torch.unique(ids).tolist()}
 
@@ -350,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--defense", default="none",
                    help="comma-separated oracle defense settings from the config, or 'all' (default: none)")
     p.add_argument("--workers", type=int, help="parallel searches (processes)")
-    p.add_argument("--alignment", choices=["none", "yunet"],
+    p.add_argument("--alignment", choices=ALIGNMENTS,
                    help="how photos become crops (default: the config's): yunet aligns them as a service would")
     p.add_argument("--oracle", choices=["inprocess", "http"], default="inprocess",
                    help="http: start the real service on loopback and attack it over HTTP")

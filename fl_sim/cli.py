@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fl_sim.environment import set_quiet_environment
+from fl_sim.face_detection import ALIGNMENTS
 
 console = Console(stderr=False)
 err = Console(stderr=True)
@@ -366,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                                "(default: DCGAN faces, never a client's)")
     train.add_argument("--root", help="the data set's folder (image-folder, lfw, celeba)")
     train.add_argument("--faces", type=int, default=4000, help="public faces to train on (default 4000)")
-    train.add_argument("--alignment", choices=["none", "yunet"], default="none",
+    train.add_argument("--alignment", choices=ALIGNMENTS, default="none",
                        help="yunet: align the faces onto SFace's template first, as a service that aligns "
                             "would (faces YuNet finds none in are left out)")
     train.add_argument("--param", dest="params", action="append", default=[],

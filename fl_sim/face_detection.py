@@ -31,6 +31,7 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -46,6 +47,11 @@ TEMPLATE_SIZE = 112
 SCORE_THRESHOLD = 0.6
 NMS_THRESHOLD = 0.3
 REFINE_SIDE = 224
+
+# How photos become face crops: `none` takes them as they are (already crops), `yunet` aligns each
+# onto SFace's template, as a deployed recognition service enrols faces.
+Alignment = Literal["none", "yunet"]
+ALIGNMENTS: tuple[str, ...] = get_args(Alignment)
 REFINE_MARGIN = 0.5
 
 _LOG_LEVEL_LOCK = threading.Lock()
@@ -234,21 +240,33 @@ def align(image: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SIZE) -
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
-def align_batch(images, size: int = TEMPLATE_SIZE, drop_missing: bool = False):
-    """(N, 3, H, W) float images in [0, 1] -> ((M, 3, size, size) aligned crops, the kept indices).
-    A photo in which YuNet finds no face raises (naming it) unless `drop_missing`, which leaves
-    it out: a gallery must not silently lose a photo, a pile of public faces may."""
+def align_face(image: np.ndarray, size: int = TEMPLATE_SIZE, min_score: float = SCORE_THRESHOLD) -> np.ndarray | None:
+    """The best face of an RGB image aligned onto the template, (size, size, 3) uint8; None when
+    YuNet finds no face scoring at least min_score."""
+    face = face_detector(min_score).best(image)
+    return None if face is None else align(image, face.landmarks, size)
+
+
+def align_images(images, alignment: Alignment, size: int = TEMPLATE_SIZE, drop_missing: bool = False):
+    """(N, 3, H, W) float images in [0, 1] -> ((M, 3, size, size) crops, the kept indices).
+    `none` returns them as they are; `yunet` aligns each (`align_face`). A photo in which YuNet
+    finds no face raises (naming it) unless `drop_missing`, which leaves it out: a gallery must
+    not silently lose a photo, a pile of public faces may."""
     import torch
 
-    detector, crops, kept = face_detector(), [], []
+    if alignment not in ALIGNMENTS:
+        raise ValueError(f"alignment must be one of {', '.join(ALIGNMENTS)}, got {alignment!r}")
+    if alignment == "none":
+        return images, list(range(len(images)))
+    crops, kept = [], []
     for n, image in enumerate(images):
         rgb = np.ascontiguousarray((image.permute(1, 2, 0).clamp(0, 1).numpy() * 255).round().astype(np.uint8))
-        face = detector.best(rgb)
-        if face is None:
+        crop = align_face(rgb, size)
+        if crop is None:
             if drop_missing:
                 continue
-            raise ValueError(f"no face found in image {n} (YuNet score below {detector.score_threshold})")
-        crops.append(torch.from_numpy(align(rgb, face.landmarks, size)).permute(2, 0, 1).float() / 255)
+            raise ValueError(f"no face found in image {n} (YuNet score below {SCORE_THRESHOLD})")
+        crops.append(torch.from_numpy(crop).permute(2, 0, 1).float() / 255)
         kept.append(n)
     empty = torch.empty(0, 3, size, size)
     return (torch.stack(crops) if crops else empty), kept
@@ -271,5 +289,5 @@ def has_face(image: np.ndarray, min_score: float = SCORE_THRESHOLD) -> bool:
     return face_score(image, min_score) >= min_score
 
 
-__all__ = ["Detection", "FaceDetector", "SFACE_TEMPLATE", "SCORE_THRESHOLD", "align", "as_rgb", "face_detector",
-           "similarity_transform"]
+__all__ = ["ALIGNMENTS", "Alignment", "Detection", "FaceDetector", "SFACE_TEMPLATE", "SCORE_THRESHOLD", "align",
+           "align_face", "align_images", "as_rgb", "face_detector", "similarity_transform"]

@@ -58,10 +58,10 @@ def train_command(args: argparse.Namespace, console) -> int:
     console.print(f"public faces: {args.faces} from {args.dataset!r} at {config.size} px "
                   f"(+{HELD_OUT} held out for the error figure)")
     faces = load_public_faces(args.dataset, args.faces + HELD_OUT, config.size, args.root)
-    if getattr(args, "alignment", "none") == "yunet":
-        from fl_sim.face_detection import align_batch
+    if args.alignment != "none":
+        from fl_sim.face_detection import align_images
 
-        faces, kept = align_batch(faces, config.size, drop_missing=True)
+        faces, kept = align_images(faces, args.alignment, config.size, drop_missing=True)
         console.print(f"aligned by YuNet: {len(kept)} of {args.faces + HELD_OUT} faces kept")
         if len(faces) <= HELD_OUT:
             raise SystemExit(f"error: only {len(faces)} faces aligned; at least {HELD_OUT + 1} are needed")

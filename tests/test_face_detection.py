@@ -277,19 +277,23 @@ def test_a_shared_detector_is_safe_in_threads(orl):
     assert face_detector() is face_detector()
 
 
-def test_align_batch_aligns_as_the_service_and_names_or_drops_a_faceless_image(orl):
+def test_align_images_aligns_as_the_service_and_names_or_drops_a_faceless_image(orl):
     """The tensor path (the eigenface bench's gallery, the aligned public faces) gives the yunet
-    aligner's crops; a faceless image is named, or left out when asked."""
-    from fl_sim.face_detection import align_batch
+    aligner's crops; a faceless image is named, or left out when asked; `none` passes them on."""
+    from fl_sim.face_detection import align_images
 
     photos = orl[person(0)][:3]
     as_tensor = torch.from_numpy(photos).permute(0, 3, 1, 2).float() / 255
-    crops, kept = align_batch(as_tensor, 112)
+    crops, kept = align_images(as_tensor, "yunet", 112)
     assert kept == [0, 1, 2] and crops.shape == (3, 3, 112, 112)
     service = np.stack([yunet_crop(p, 112) for p in photos])
     assert np.abs((crops.permute(0, 2, 3, 1).numpy() * 255).round() - service).max() <= 1
     blank = torch.cat([as_tensor[:1], torch.full((1, 3, 112, 92), 0.5), as_tensor[1:2]])
     with pytest.raises(ValueError, match="no face found in image 1"):
-        align_batch(blank, 112)
-    crops, kept = align_batch(blank, 112, drop_missing=True)
+        align_images(blank, "yunet", 112)
+    crops, kept = align_images(blank, "yunet", 112, drop_missing=True)
     assert kept == [0, 2] and len(crops) == 2
+    same, kept = align_images(blank, "none", 112)
+    assert same is blank and kept == [0, 1, 2]
+    with pytest.raises(ValueError, match="alignment must be one of none, yunet, got 'mtcnn'"):
+        align_images(blank, "mtcnn", 112)

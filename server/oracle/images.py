@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from fl_sim.face_detection import SCORE_THRESHOLD, align, face_detector
+from fl_sim.face_detection import SCORE_THRESHOLD, align_face
 from fl_sim.registry import Registry
 
 
@@ -72,11 +72,11 @@ def yunet_crop(image: np.ndarray, size: int, min_score: float = FACE_MIN_SCORE) 
     """Detect the face (YuNet), take the best one and align it onto the SFace template."""
     if image.shape[:2] == (size, size):
         return image
-    face = face_detector(min_score).best(image)
-    if face is None:
+    crop = align_face(image, size, min_score)
+    if crop is None:
         h, w = image.shape[:2]
         raise ImageError(422, "no_face", f"no face found in a {w}x{h} image (YuNet score below {min_score})")
-    return align(image, face.landmarks, size)
+    return crop
 
 
 def decode_image(data: str, index: int, max_pixels: int) -> np.ndarray:
