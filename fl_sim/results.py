@@ -235,17 +235,22 @@ class RunDirectory:
     # committed by recording the round in the store; global_model.pt and models/round-NNN.pt
     # are hard links to it (copies where the file system has no links).
     def save_checkpoint(self, state: dict[str, torch.Tensor], server_round: int, key: str,
-                        keep: Sequence[int] = ()) -> None:
+                        keep: Sequence[int] = (), server_state: dict[str, torch.Tensor] | None = None) -> None:
         """The global weights after `server_round`: written, committed (`key` in the store),
         exported as global_model.pt (and models/round-NNN.pt for rounds in `keep`), and older
-        checkpoints removed. A kill at any point leaves the last committed round loadable."""
+        checkpoints removed. A kill at any point leaves the last committed round loadable.
+        `server_state` (the server optimiser's, e.g. FedAvgM's velocity) is written beside the
+        weights before the commit, never into the model files users load."""
         path = self.save_model(state, checkpoint=server_round)
+        if server_state:
+            _save_atomic(server_state, self.server_state_path(server_round))
         self.set_state(key, str(server_round).encode())
         _link(path, self.path / GLOBAL_MODEL_FILE)
         if server_round in keep:
             _link(path, self.model_path(server_round))
-        for old in path.parent.glob("round-*.pt"):
-            if old != path:
+        current = {path, self.server_state_path(server_round)}
+        for old in [*path.parent.glob("round-*.pt"), *path.parent.glob("server-*.pt")]:
+            if old not in current:
                 old.unlink(missing_ok=True)
 
     def checkpoint(self, key: str) -> tuple[int, dict[str, torch.Tensor]] | None:
@@ -262,6 +267,14 @@ class RunDirectory:
     def checkpoint_path(self, server_round: int) -> Path:
         return self.path / "checkpoints" / f"round-{server_round:03d}.pt"
 
+    def server_state_path(self, server_round: int) -> Path:
+        return self.path / "checkpoints" / f"server-{server_round:03d}.pt"
+
+    def checkpoint_server_state(self, server_round: int) -> dict[str, torch.Tensor]:
+        """The server optimiser's state saved with the round's checkpoint ({} when none was)."""
+        path = self.server_state_path(server_round)
+        return torch.load(path, map_location="cpu", weights_only=True) if path.exists() else {}
+
     # -- exports -------------------------------------------------------------------
     def save_model(self, state: dict[str, torch.Tensor], server_round: int | None = None,
                    checkpoint: int | None = None) -> Path:
@@ -272,10 +285,7 @@ class RunDirectory:
             path = self.checkpoint_path(checkpoint)
         else:
             path = self.path / GLOBAL_MODEL_FILE if server_round is None else self.model_path(server_round)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
-        os.replace(tmp, path)
+        _save_atomic(state, path)
         return path
 
     def model_path(self, server_round: int) -> Path:
@@ -316,6 +326,14 @@ class RunDirectory:
         rel = Path("images") / f"{name}.png"
         Image.fromarray(arr).save(self.path / rel)
         return rel.as_posix()
+
+
+def _save_atomic(state: dict[str, torch.Tensor], path: Path) -> None:
+    """A tensor dict written to a temporary file and renamed: a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save({k: v.detach().cpu() for k, v in state.items()}, tmp)
+    os.replace(tmp, path)
 
 
 def _link(source: Path, target: Path) -> None:

@@ -195,22 +195,22 @@ class Federation:
             nodes = list(grid.get_node_ids())
         return nodes
 
-    def restore(self) -> tuple[int, dict[str, torch.Tensor]]:
-        """First round to run and the global weights to start from."""
+    def restore(self) -> tuple[int, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """First round to run, the global weights to start from and the server optimiser's state."""
         if self.job.resume:
             saved = self.run.checkpoint(STATE_ROUND)
             if saved is not None:
-                return saved[0] + 1, saved[1]
+                return saved[0] + 1, saved[1], self.run.checkpoint_server_state(saved[0])
             blob, last = self.run.get_state(STATE_WEIGHTS), self.run.get_state(STATE_ROUND)
             if blob is not None and last is not None:  # a run from before checkpoint files
-                return int(last.decode()) + 1, state_from_bytes(blob)
-        return 1, {k: v.clone() for k, v in self.initial_state.items()}
+                return int(last.decode()) + 1, state_from_bytes(blob), {}
+        return 1, {k: v.clone() for k, v in self.initial_state.items()}, {}
 
     # -- the rounds -----------------------------------------------------------------------
     def serve(self, grid: Grid) -> None:
         cfg = self.config
         total = cfg.federation.rounds
-        start, state = self.restore()
+        start, state, velocity = self.restore()
         if start > total:
             self.job.console.print(f"all {total} rounds are done")
             return
@@ -220,7 +220,7 @@ class Federation:
         if empty:
             log.warning("%d of %d clients hold no images and are never sampled", empty, cfg.federation.num_clients)
         strategy = CuriousFedAvg(cfg, node_of, population, self.param_names, observer=self.observe,
-                                 statistics=self.statistics)
+                                 statistics=self.statistics, velocity=velocity)
         self.strategy = strategy
         aggregator = central_dp(cfg, strategy)  # the strategy, or Flower's DP wrapper around it
         secure = None
@@ -262,7 +262,8 @@ class Federation:
                 # The round record first, then the checkpoint: a kill in between redoes the
                 # round on resume (and replaces the record), never skips it.
                 self.run.add_round(rec)
-                self.run.save_checkpoint(state, rnd, STATE_ROUND, cfg.federation.save_rounds)
+                self.run.save_checkpoint(state, rnd, STATE_ROUND, cfg.federation.save_rounds,
+                                         server_state={k: torch.from_numpy(v) for k, v in strategy.velocity.items()})
                 display.round_done(rec, total, len(strategy.failed), self.round_attacks)
             self.display = None
         self.job.attack_failures.extend(self.runner.failures)

@@ -40,12 +40,15 @@ class CuriousFedAvg(FedAvg):
       Flower wrapper around this strategy does, e.g. central DP). FedSGD: the aggregate of the clients' gradients is
       applied as `w <- w - server_lr * sum_k (n_k / n) g_k`; BatchNorm buffers are averaged,
       or re-estimated on the server's public faces (`statistics`, federation.bn_statistics).
+    - With federation.server_momentum the server steps as FedAvgM does (`velocity`, saved with
+      each round's checkpoint so a resumed run steps as an uninterrupted one).
     """
 
     def __init__(self, config: ExperimentConfig, node_of_partition: dict[int, int],
                  population: list[int], param_names: list[str],
                  observer: ReplyObserver | None = None,
-                 statistics: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> None:
+                 statistics: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+                 velocity: dict[str, torch.Tensor] | None = None) -> None:
         # Sampling is ours (configure_train); no federated evaluation is configured (the
         # server evaluates on its test set), so the fractions are unused.
         super().__init__(fraction_train=1.0, fraction_evaluate=1.0, min_train_nodes=1,
@@ -56,6 +59,8 @@ class CuriousFedAvg(FedAvg):
         self.param_names = list(param_names)  # trainable parameters; the rest are buffers
         self.observer = observer
         self.statistics = statistics  # the server's own BatchNorm statistics (federation.bn_statistics)
+        # FedAvgM's running sum of updates per parameter (federation.server_momentum), carried over a resume
+        self.velocity: dict[str, np.ndarray] = {k: v.numpy() for k, v in (velocity or {}).items()}
         self.global_arrays: ArrayRecord | None = None
         self.sampled: list[int] = []
         self.failed: list[tuple[int, str]] = []  # (node id, reason) of the last round
@@ -100,7 +105,11 @@ class CuriousFedAvg(FedAvg):
 
     def server_step(self, aggregate: ArrayRecord) -> ArrayRecord:
         """New global arrays from the weighted mean of the replies (FedAvg's, or the secure
-        aggregate's), in the global dtypes."""
+        aggregate's), in the global dtypes.
+
+        Flower's FedAvgM would step inside aggregate_train, which the secure-aggregation round
+        bypasses, and over every array, BatchNorm buffers and counters included; so the server
+        optimiser lives here, the one step every round goes through, over the parameters only."""
         assert self.global_arrays is not None
         fed = self.config.federation
         params = set(self.param_names)
@@ -108,10 +117,18 @@ class CuriousFedAvg(FedAvg):
         for name, current in self.global_arrays.items():
             w = current.numpy()
             agg = aggregate[name].numpy()
-            if fed.algorithm == "fedsgd" and name in params:
+            if name not in params:
+                new = agg  # the clients' mean BatchNorm buffers
+            elif fed.server_momentum is not None:
+                update = agg if fed.algorithm == "fedsgd" else w - agg  # FedAvg: the pseudo-gradient
+                previous = self.velocity.get(name)
+                velocity = update.copy() if previous is None else fed.server_momentum.momentum * previous + update
+                self.velocity[name] = velocity
+                new = w - fed.server_momentum.lr * velocity
+            elif fed.algorithm == "fedsgd":
                 new = w - fed.server_lr * agg
             else:
-                new = agg  # FedAvg: the weighted mean; FedSGD: the clients' mean BN buffers
+                new = agg  # FedAvg: the weighted mean
             if np.issubdtype(w.dtype, np.integer):
                 new = np.rint(new)
             out[name] = Array(np.ascontiguousarray(new.astype(w.dtype, copy=False)))

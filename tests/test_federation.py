@@ -21,7 +21,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fl_sim.config import parse_config
+from fl_sim.config import ExperimentConfig, parse_config
 from fl_sim.results import RunDirectory
 
 TESTS = Path(__file__).resolve().parent
@@ -348,16 +348,47 @@ def _fl_sim(args: list[str]) -> list[str]:
     return [sys.executable, "-c", code, *args]
 
 
-def test_kill_and_resume(tmp_path, lenet_init):
+@pytest.mark.parametrize("algorithm", ["fedavg", "fedsgd"])
+def test_server_momentum_steps_as_fedavgm(algorithm):
+    """federation.server_momentum: v <- m v + d, w <- w - lr v over the parameters, d the mean
+    gradient (FedSGD) or the global weights minus the clients' mean (FedAvg); BatchNorm buffers
+    are the clients' mean."""
+    from flwr.app import Array, ArrayRecord
+
+    from server.strategy import CuriousFedAvg
+
+    config = ExperimentConfig(federation={"algorithm": algorithm, "server_momentum": {"lr": 0.5, "momentum": 0.9}})
+    strategy = CuriousFedAvg(config, {}, [], ["w"])
+
+    def record(w, bn):
+        return ArrayRecord({"w": Array(np.array(w, dtype=np.float32)), "bn": Array(np.array(bn, dtype=np.float32))})
+
+    w0, means = np.array([1.0, -2.0]), [np.array([0.5, 0.0]), np.array([0.25, 1.0])]
+    strategy.global_arrays = record(w0, [0.0])
+    first = strategy.server_step(record(means[0], [3.0]))
+    d0 = means[0] if algorithm == "fedsgd" else w0 - means[0]
+    w1 = w0 - 0.5 * d0
+    np.testing.assert_allclose(first["w"].numpy(), w1, rtol=1e-6)
+    assert first["bn"].numpy().tolist() == [3.0]
+    strategy.global_arrays = first
+    second = strategy.server_step(record(means[1], [4.0]))
+    d1 = means[1] if algorithm == "fedsgd" else w1 - means[1]
+    np.testing.assert_allclose(second["w"].numpy(), w1 - 0.5 * (0.9 * d0 + d1), rtol=1e-6)
+    assert set(strategy.velocity) == {"w"}  # buffers carry no velocity
+
+
+@pytest.mark.parametrize("momentum", [None, {"lr": 0.1, "momentum": 0.9}], ids=["plain", "server-momentum"])
+def test_kill_and_resume(tmp_path, lenet_init, momentum):
     """Kill a run after round 2's first attack is stored, resume it: finished attacks are
-    not redone and the final metrics equal an uninterrupted run's."""
+    not redone and the final metrics equal an uninterrupted run's (with server momentum too:
+    its velocity after round 1 is restored, not restarted)."""
     import yaml
 
     log_killed, log_clean = tmp_path / "killed.log", tmp_path / "clean.log"
 
     def write_config(name: str, log: Path) -> Path:
         tree = easy_config(lenet_init, federation={"rounds": 4, "algorithm": "fedsgd", "batch_size": 1,
-                                                   "server_lr": 0.1},
+                                                   "server_lr": 0.1, "server_momentum": momentum},
                            threat={"victims": {"mode": "sampled", "k": 2}, "rounds": [1, 2, 3]},
                            attacks=[{"name": COUNT_ATTACK, "params": {"log": str(log), "delay": 1.0}}])
         path = tmp_path / f"{name}.yaml"

@@ -57,6 +57,20 @@ def test_checkpoint_is_one_file_per_round_committed_by_the_store(tmp_path):
     assert rnd == 2 and torch.equal(state["w"], weights[2]["w"])
 
 
+def test_server_optimiser_state_is_kept_beside_the_checkpoint_not_in_the_model(tmp_path):
+    """FedAvgM's velocity is saved with each round (only the last kept) and read back for a
+    resume; the model files users load hold the weights alone."""
+    run = RunDirectory.create(tmp_path / "run", ExperimentConfig(name="t"))
+    for rnd in (1, 2):
+        run.save_checkpoint({"w": torch.full((3,), float(rnd))}, rnd, "last",
+                            server_state={"w": torch.full((3,), 10.0 * rnd)})
+    assert sorted(p.name for p in (run.path / "checkpoints").iterdir()) == ["round-002.pt", "server-002.pt"]
+    reopened = RunDirectory.open(run.path)
+    assert torch.equal(reopened.checkpoint_server_state(2)["w"], torch.full((3,), 20.0))
+    assert reopened.checkpoint_server_state(1) == {}
+    assert set(torch.load(run.path / "global_model.pt", weights_only=True)) == {"w"}
+
+
 def test_existing_run_is_never_overwritten(tmp_path, orl64):
     _filled_run(tmp_path, orl64)
     with pytest.raises(RunExists, match="--resume"):
