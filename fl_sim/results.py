@@ -249,7 +249,7 @@ class RunDirectory:
         if server_round in keep:
             _link(path, self.model_path(server_round))
         current = {path, self.server_state_path(server_round)}
-        for old in [*path.parent.glob("round-*.pt"), *path.parent.glob("server-*.pt")]:
+        for old in path.parent.glob("*.pt"):  # older rounds' weights and server states, in one listing
             if old not in current:
                 old.unlink(missing_ok=True)
 

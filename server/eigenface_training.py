@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from attacks.eigenfaces import PRESETS, EigenfaceBasis, EigenfaceTrainConfig, public_faces, train_eigenfaces
+from fl_sim.face_detection import align_images
 from fl_sim.registry import build_settings
 
 HELD_OUT = 200  # public faces kept out of training to measure reconstruction error
@@ -58,13 +59,12 @@ def train_command(args: argparse.Namespace, console) -> int:
     console.print(f"public faces: {args.faces} from {args.dataset!r} at {config.size} px "
                   f"(+{HELD_OUT} held out for the error figure)")
     faces = load_public_faces(args.dataset, args.faces + HELD_OUT, config.size, args.root)
-    if args.alignment != "none":
-        from fl_sim.face_detection import align_images
-
-        faces, kept = align_images(faces, args.alignment, config.size, drop_missing=True)
-        console.print(f"aligned by YuNet: {len(kept)} of {args.faces + HELD_OUT} faces kept")
-        if len(faces) <= HELD_OUT:
-            raise SystemExit(f"error: only {len(faces)} faces aligned; at least {HELD_OUT + 1} are needed")
+    faces, kept = align_images(faces, args.alignment, config.size, drop_missing=True)
+    if len(kept) < args.faces + HELD_OUT:
+        console.print(f"aligned by {args.alignment}: {len(kept)} of {args.faces + HELD_OUT} faces kept "
+                      "(no face found in the others)")
+    if len(faces) <= HELD_OUT:
+        raise SystemExit(f"error: only {len(faces)} faces aligned; at least {HELD_OUT + 1} are needed")
     train, held_out = faces[:-HELD_OUT], faces[-HELD_OUT:]
     with Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps, "
                                                                        "loss {task.fields[loss]:.5f}"),

@@ -263,7 +263,7 @@ class Federation:
                 # round on resume (and replaces the record), never skips it.
                 self.run.add_round(rec)
                 self.run.save_checkpoint(state, rnd, STATE_ROUND, cfg.federation.save_rounds,
-                                         server_state={k: torch.from_numpy(v) for k, v in strategy.velocity.items()})
+                                         server_state=strategy.velocity)
                 display.round_done(rec, total, len(strategy.failed), self.round_attacks)
             self.display = None
         self.job.attack_failures.extend(self.runner.failures)

@@ -60,7 +60,7 @@ class CuriousFedAvg(FedAvg):
         self.observer = observer
         self.statistics = statistics  # the server's own BatchNorm statistics (federation.bn_statistics)
         # FedAvgM's running sum of updates per parameter (federation.server_momentum), carried over a resume
-        self.velocity: dict[str, np.ndarray] = {k: v.numpy() for k, v in (velocity or {}).items()}
+        self.velocity: dict[str, torch.Tensor] = dict(velocity or {})
         self.global_arrays: ArrayRecord | None = None
         self.sampled: list[int] = []
         self.failed: list[tuple[int, str]] = []  # (node id, reason) of the last round
@@ -120,11 +120,11 @@ class CuriousFedAvg(FedAvg):
             if name not in params:
                 new = agg  # the clients' mean BatchNorm buffers
             elif fed.server_momentum is not None:
-                update = agg if fed.algorithm == "fedsgd" else w - agg  # FedAvg: the pseudo-gradient
+                # FedAvg's pseudo-gradient; a copy, so the velocity never aliases the reply's buffer
+                update = torch.tensor(agg if fed.algorithm == "fedsgd" else w - agg)
                 previous = self.velocity.get(name)
-                velocity = update.copy() if previous is None else fed.server_momentum.momentum * previous + update
-                self.velocity[name] = velocity
-                new = w - fed.server_momentum.lr * velocity
+                self.velocity[name] = update if previous is None else fed.server_momentum.momentum * previous + update
+                new = w - fed.server_momentum.lr * self.velocity[name].numpy()
             elif fed.algorithm == "fedsgd":
                 new = w - fed.server_lr * agg
             else:
