@@ -59,12 +59,12 @@ def train_command(args: argparse.Namespace, console) -> int:
     console.print(f"public faces: {args.faces} from {args.dataset!r} at {config.size} px "
                   f"(+{HELD_OUT} held out for the error figure)")
     faces = load_public_faces(args.dataset, args.faces + HELD_OUT, config.size, args.root)
+    loaded = len(faces)  # a folder may hold fewer than asked for
     faces, kept = align_images(faces, args.alignment, config.size, drop_missing=True)
-    if len(kept) < args.faces + HELD_OUT:
-        console.print(f"aligned by {args.alignment}: {len(kept)} of {args.faces + HELD_OUT} faces kept "
-                      "(no face found in the others)")
+    if len(kept) < loaded:
+        console.print(f"aligned by {args.alignment}: {len(kept)} of {loaded} faces kept (no face found in the others)")
     if len(faces) <= HELD_OUT:
-        raise SystemExit(f"error: only {len(faces)} faces aligned; at least {HELD_OUT + 1} are needed")
+        raise SystemExit(f"error: only {len(faces)} faces to train on; at least {HELD_OUT + 1} are needed")
     train, held_out = faces[:-HELD_OUT], faces[-HELD_OUT:]
     with Progress(TextColumn("[bold]training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps, "
                                                                        "loss {task.fields[loss]:.5f}"),
