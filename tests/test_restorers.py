@@ -96,6 +96,25 @@ def test_gan_prior_fits_a_generated_face():
     assert (out - face).pow(2).mean() < (start - face).pow(2).mean()
 
 
+def test_pivotal_tuning_keeps_a_person_the_generator_cannot_draw():
+    """A real ORL face under noise: the latent alone returns a look-alike further from the
+    person than the noisy input; tuning the generator's weights on the pivot for 50 steps
+    brings the person back closer than the input was (measured 21 -> 27 dB; the input 23)."""
+    from fl_sim.data import DataSpec, load_dataset
+
+    face = load_dataset(DataSpec(name="orl", image_size=64)).images[[10]].expand(-1, 3, -1, -1)
+    noise = torch.randn(face.shape, generator=torch.Generator().manual_seed(0))
+    noisy = (face + 0.12 * noise).clamp(0, 1).mean(1, keepdim=True).expand(-1, 3, -1, -1).contiguous()
+
+    def psnr(x: torch.Tensor) -> float:
+        return float(-10 * torch.log10((x - face).pow(2).mean()))
+
+    latent_only = build_restorer("gan-prior", steps=50, candidates=16).restore(noisy, seed=0)
+    tuned = build_restorer("gan-prior", steps=50, candidates=16, tune_steps=50).restore(noisy, seed=0)
+    assert psnr(latent_only) < psnr(noisy) < psnr(tuned) - 1.5
+    assert tuned.shape == noisy.shape and torch.equal(tuned[:, 0], tuned[:, 2])  # grey in, grey out
+
+
 def test_eigenface_reproduces_public_faces():
     public = _images(10, 3, 32, seed=3)
     restorer = build_restorer("eigenface", public=public, components=9)
