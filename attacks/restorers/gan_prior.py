@@ -71,7 +71,7 @@ class GanPriorRestorer(BaseRestorer):
 
     # -- the fit ---------------------------------------------------------------------------
     def _render(self, z: torch.Tensor, grey: bool, generator: nn.Module | None = None) -> torch.Tensor:
-        out = ((generator or self.generator)(z) + 1) / 2
+        out = ((self.generator if generator is None else generator)(z) + 1) / 2
         return luma(out).expand(-1, 3, -1, -1) if grey else out
 
     def _losses(self, fake: torch.Tensor, target: torch.Tensor, z: torch.Tensor, perceptual: bool) -> torch.Tensor:
