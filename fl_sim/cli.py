@@ -183,6 +183,7 @@ BENCHES = {
     "dfleak": "benchmarks.dfleak_table",
     "oracle": "benchmarks.oracle_speed",
     "eigenface": "benchmarks.eigenface_table",
+    "landscape": "benchmarks.landscape",
 }
 
 
