@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = probe(config, clients, args.iterations, args.lr, args.attack, on_row=lambda r: console.print(
         f"  client {r.client}, {r.start}: PSNR {r.start_psnr:.2f} -> {r.end_psnr:.2f}, objective "
         f"{r.start_objective:.4f} -> {r.end_objective:.4f}, rank {r.start_id_rank} -> {r.end_id_rank}",
-        highlight=False))
+        highlight=False, soft_wrap=True))
     frame = pd.DataFrame([asdict(r) for r in rows])
     summary = frame.groupby("start", sort=False).agg(
         victims=("client", "size"), start_psnr=("start_psnr", "mean"), end_psnr=("end_psnr", "mean"),
