@@ -51,6 +51,12 @@ STARTS: dict[str, tuple[Callable[[torch.Tensor, float, torch.Generator], torch.T
 }
 
 
+# The optimisation baselines: they start where they are told (`init: tensor`). DFLeak and GGL
+# choose their own start (the initialisation search, the generator's latent), so they cannot
+# be started at the truth.
+PROBED = ("invertg", "idlg-adam", "gradinv")
+
+
 @dataclass(frozen=True)
 class LandscapeRow:
     client: int
@@ -109,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"experiment config: data, model, federation, victims (default {DEFAULT_CONFIG})")
     p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for fl-sim run")
     p.add_argument("--clients", help="victims (comma-separated; default: the config's development victims)")
-    p.add_argument("--attack", default="invertg", help="the optimisation whose objective is probed (default invertg)")
+    p.add_argument("--attack", default="invertg", choices=PROBED,
+                   help="the optimisation whose objective is probed (default invertg)")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--lr", type=float, default=0.01,
                    help="step size from the start (default 0.01: a tenth of InvertG's, the start is close)")
