@@ -18,10 +18,11 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.cli_common import add_config_arguments, load_or_report, write_rows
 
 DEFAULT_CONFIG = "configs/bench/dfleak.yaml"
 
@@ -93,12 +94,9 @@ def calibrate(config, shots: list[int], seed: int = 0, on_row: Callable[[Calibra
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fl-sim bench critic", description=__doc__.split("\n\n")[0])
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
-                   help=f"experiment config: its data set and critic (default {DEFAULT_CONFIG})")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for fl-sim run")
+    add_config_arguments(p, DEFAULT_CONFIG, "its data set and critic")
     p.add_argument("--shots", default="0,5", help="which photo of each person is the probe (comma-separated)")
     p.add_argument("--seed", type=int, default=0, help="seed of the noise")
-    p.add_argument("--out", help="also write the rows to this CSV")
     return p
 
 
@@ -106,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
     import pandas as pd
     from rich.console import Console
     from rich.table import Table
-
-    from fl_sim.config import ConfigError, load_config
 
     args = build_parser().parse_args(argv)
     console = Console()
@@ -118,10 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         console.print(f"[red]error:[/] --shots must be comma-separated photo numbers >= 0, got {args.shots!r}")
         return 2
-    try:
-        config = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+    config = load_or_report(args, console)
+    if config is None:
         return 2
     t0 = time.perf_counter()
     console.print(f"critic {config.metrics.id_backend or 'facenet'} on {config.data.name} at "
@@ -136,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r.degradation, f"{r.level:g}", str(r.probes), f"{r.psnr:.2f}", f"{r.id_similarity:.3f}",
                       f"{r.id_rank1:.0%}", f"{r.id_rank_median:g}")
     console.print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        pd.DataFrame([asdict(r) for r in rows]).to_csv(args.out, index=False)
-        console.print(f"rows: {args.out}")
+    write_rows(pd.DataFrame([asdict(r) for r in rows]), args.out, console)
     return 0
 
 

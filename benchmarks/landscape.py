@@ -23,10 +23,11 @@ import argparse
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from benchmarks.cli_common import add_config_arguments, load_or_report, write_rows
 
 DEFAULT_CONFIG = "configs/bench/priors.yaml"
 
@@ -111,16 +112,13 @@ def probe(config, clients: list[int], iterations: int, lr: float, attack: str = 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fl-sim bench landscape", description=__doc__.split("\n\n")[0])
-    p.add_argument("config", nargs="?", default=DEFAULT_CONFIG,
-                   help=f"experiment config: data, model, federation, victims (default {DEFAULT_CONFIG})")
-    p.add_argument("overrides", nargs="*", help="key.sub=value overrides, as for fl-sim run")
+    add_config_arguments(p, DEFAULT_CONFIG, "data, model, federation, victims")
     p.add_argument("--clients", help="victims (comma-separated; default: the config's development victims)")
     p.add_argument("--attack", default="invertg", choices=PROBED,
                    help="the optimisation whose objective is probed (default invertg)")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--lr", type=float, default=0.01,
                    help="step size from the start (default 0.01: a tenth of InvertG's, the start is close)")
-    p.add_argument("--out", help="also write the rows to this CSV")
     return p
 
 
@@ -129,14 +127,10 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from fl_sim.config import ConfigError, load_config
-
     args = build_parser().parse_args(argv)
     console = Console()
-    try:
-        config = load_config(args.config, args.overrides)
-    except (ConfigError, FileNotFoundError) as exc:
-        console.print(f"[red]error:[/] {exc}", highlight=False)
+    config = load_or_report(args, console)
+    if config is None:
         return 2
     victims = config.threat.victims
     try:
@@ -167,8 +161,5 @@ def main(argv: list[str] | None = None) -> int:
         table.add_row(r.Index, str(r.victims), f"{r.start_psnr:.2f}", f"{r.end_psnr:.2f}", f"{r.start_objective:.4f}",
                       f"{r.end_objective:.4f}", f"{r.start_rank1}/{r.victims}", f"{r.end_rank1}/{r.victims}")
     console.print(table)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        frame.to_csv(args.out, index=False)
-        console.print(f"rows written to {args.out}")
+    write_rows(frame, args.out, console)
     return 0
