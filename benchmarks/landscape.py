@@ -4,7 +4,8 @@ An optimisation attack can return no more of a face than its objective singles o
 benchmark asks the objective directly, with the truth in hand (so only an auditor can run it):
 it starts the attack's own optimisation *at* the victim's face, sharp, blurred and noised,
 and reports where it goes. If the optimisation moves away from a 2 px blur of the truth, no
-start, prior or restorer can make it hold a face at that level: the update does not say more.
+better start makes it hold a face at that level, and a prior would have to supply what the
+update does not say.
 The critic's figures (`fl-sim bench critic`) say what each level means for re-identification.
 
 For each victim and start: the start's PSNR and objective (the attack's matching loss plus
@@ -66,7 +67,7 @@ class LandscapeRow:
     start_objective: float
     end_psnr: float
     end_objective: float
-    start_id_rank: int
+    start_id_rank: int  # the critic's rank of the true person (1 = named first); worst image of the case
     end_id_rank: int
     end_id_similarity: float
 
