@@ -27,7 +27,8 @@ from benchmarks.cli_common import add_config_arguments, load_or_report, write_ro
 DEFAULT_CONFIG = "configs/bench/dfleak.yaml"
 
 
-def _blur(images: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
+def blur(images: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
+    """Gaussian blur of `sigma` px (also the landscape bench's blurred starts)."""
     from torchvision.transforms.functional import gaussian_blur
 
     return gaussian_blur(images, 2 * round(3 * sigma) + 1, sigma)
@@ -40,13 +41,13 @@ def _noise(images: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor
 def _blur_and_noise(images: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
     # the mix gradient inversion leaves: smooth where the prior or the restorer acted, grain
     # elsewhere (noise std sigma / 20: a 2 px blur with noise of std 0.1)
-    return _noise(_blur(images, sigma, g), sigma / 20, g)
+    return _noise(blur(images, sigma, g), sigma / 20, g)
 
 
 # name -> (degrade(images, level, generator), levels). Levels: blur, the Gaussian's sigma in
 # pixels; noise, the std on images in [0, 1]; blur + noise, the blur's sigma (noise std sigma / 20).
 DEGRADATIONS: dict[str, tuple[Callable[[torch.Tensor, float, torch.Generator], torch.Tensor], list[float]]] = {
-    "blur": (_blur, [1.0, 1.5, 2.0, 2.5, 3.0]),
+    "blur": (blur, [1.0, 1.5, 2.0, 2.5, 3.0]),
     "noise": (_noise, [0.05, 0.1, 0.15, 0.2]),
     "blur + noise": (_blur_and_noise, [1.0, 1.5, 2.0]),
 }

@@ -29,14 +29,9 @@ import numpy as np
 import torch
 
 from benchmarks.cli_common import add_config_arguments, load_or_report, write_rows
+from benchmarks.critic_calibration import blur
 
 DEFAULT_CONFIG = "configs/bench/priors.yaml"
-
-
-def _blur(x: torch.Tensor, sigma: float, g: torch.Generator) -> torch.Tensor:
-    from torchvision.transforms.functional import gaussian_blur
-
-    return gaussian_blur(x, 2 * round(3 * sigma) + 1, sigma)
 
 
 def _noise(x: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
@@ -47,8 +42,8 @@ def _noise(x: torch.Tensor, std: float, g: torch.Generator) -> torch.Tensor:
 # start name -> (degrade(truth, level, generator), level); "truth" is the undegraded face
 STARTS: dict[str, tuple[Callable[[torch.Tensor, float, torch.Generator], torch.Tensor], float]] = {
     "truth": (lambda x, level, g: x, 0.0),
-    "blur 1 px": (_blur, 1.0),
-    "blur 2 px": (_blur, 2.0),
+    "blur 1 px": (blur, 1.0),
+    "blur 2 px": (blur, 2.0),
     "noise 0.05": (_noise, 0.05),
 }
 
@@ -85,6 +80,7 @@ def probe(config, clients: list[int], iterations: int, lr: float, attack: str = 
     ds = federated_data(config).dataset
     backend = config.metrics.id_backend or "facenet"
     gallery = IdentityGallery.of(ds.images, ds.identities, backend)
+    cls = ATTACKS.get(attack)  # built directly below: the start is a tensor, not a config value
     g = torch.Generator().manual_seed(seed)
     rows = []
     for victim in simulate_victims(config, clients):
@@ -92,7 +88,6 @@ def probe(config, clients: list[int], iterations: int, lr: float, attack: str = 
         index = np.asarray(victim.truth_index)
         for name, (degrade, level) in (STARTS if starts is None else starts).items():
             start = degrade(truth, level, g).clamp(0, 1)
-            cls = ATTACKS.get(attack)  # built directly: the start is a tensor, not a config value
             cfg = cls.Config(iterations=iterations, lr=lr, init="tensor", init_image=start)
             result = cls(cfg).run(victim.case)
             end = result.images.float()

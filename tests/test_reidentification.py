@@ -74,10 +74,10 @@ def test_critic_calibration_puts_a_scale_under_rank1(tmp_path):
     29.3 and 22.6 dB); a bad --shots is an error."""
     import pandas as pd
 
-    from benchmarks.critic_calibration import _blur, calibrate, main
+    from benchmarks.critic_calibration import blur, calibrate, main
     from fl_sim.config import load_config
 
-    rows = calibrate(load_config("configs/bench/dfleak.yaml"), [0], degradations={"blur": (_blur, [1.0, 3.0])})
+    rows = calibrate(load_config("configs/bench/dfleak.yaml"), [0], degradations={"blur": (blur, [1.0, 3.0])})
     none, mild, strong = rows
     assert none.degradation == "none" and none.probes == 40 and none.id_rank1 >= 0.85
     assert mild.psnr > strong.psnr + 4 and mild.id_rank1 >= 0.8 and strong.id_rank1 <= 0.4
