@@ -15,7 +15,8 @@ its priors, recomputed in float64), then the same after `--iterations` steps of 
 identities.
 
     fl-sim bench landscape                                       # dev victims of the priors bench
-    fl-sim bench landscape --clients 0,1 --iterations 2000 --lr 0.003
+    fl-sim bench landscape --clients 0,1 --iterations 2000 --lr 0.003 --grid landscape.png
+    fl-sim bench landscape --starts "blur 1 px,blur 2 px" --out rows.csv
     fl-sim bench landscape configs/bench/dfleak.yaml model.weights=RUN/global_model.pt
 """
 from __future__ import annotations
@@ -69,8 +70,10 @@ class LandscapeRow:
 
 def probe(config, clients: list[int], iterations: int, lr: float, attack: str = "invertg",
           starts: dict | None = None, seed: int = 0,
-          on_row: Callable[[LandscapeRow], None] | None = None) -> list[LandscapeRow]:
-    """Run the attack from each start on each victim; one row per (victim, start)."""
+          on_case: Callable[[LandscapeRow, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+          ) -> list[LandscapeRow]:
+    """Run the attack from each start on each victim; one row per (victim, start).
+    `on_case(row, truth, start, end)` sees each result as it comes, with its images."""
     from attacks.engine import reference_objective
     from attacks.registry import ATTACKS
     from fl_sim.federated_data import federated_data
@@ -101,8 +104,8 @@ def probe(config, clients: list[int], iterations: int, lr: float, attack: str = 
                 int(ranks[: len(index)].max()), int(ranks[len(index):].max()),
                 float(id_similarity(end, truth, backend).mean()))
             rows.append(row)
-            if on_row:
-                on_row(row)
+            if on_case:
+                on_case(row, truth, start, end)
     return rows
 
 
@@ -112,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", help="victims (comma-separated; default: the config's development victims)")
     p.add_argument("--attack", default="invertg", choices=PROBED,
                    help="the optimisation whose objective is probed (default invertg)")
+    p.add_argument("--starts", help=f"comma-separated starts (default all: {', '.join(STARTS)})")
+    p.add_argument("--grid", help="also save the pictures here (PNG): per victim the truth, then each start and where it ended")
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--lr", type=float, default=0.01,
                    help="step size from the start (default 0.01: a tenth of InvertG's, the start is close)")
@@ -134,16 +139,27 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:
         console.print(f"[red]error:[/] --clients must be comma-separated client numbers, got {args.clients!r}")
         return 2
+    names = [n.strip() for n in args.starts.split(",")] if args.starts else list(STARTS)
+    unknown = [n for n in names if n not in STARTS]
+    if unknown:
+        console.print(f"[red]error:[/] unknown start {unknown[0]!r}; choose from {', '.join(STARTS)}", highlight=False)
+        return 2
     if args.iterations < 1 or args.lr <= 0:
         console.print("[red]error:[/] --iterations must be >= 1 and --lr > 0")
         return 2
     t0 = time.perf_counter()
     console.print(f"{args.attack} from the truth and its degradations: clients {clients}, "
                   f"{args.iterations} iterations at lr {args.lr:g}")
-    rows = probe(config, clients, args.iterations, args.lr, args.attack, on_row=lambda r: console.print(
-        f"  client {r.client}, {r.start}: PSNR {r.start_psnr:.2f} -> {r.end_psnr:.2f}, objective "
-        f"{r.start_objective:.4f} -> {r.end_objective:.4f}, rank {r.start_id_rank} -> {r.end_id_rank}",
-        highlight=False, soft_wrap=True))
+    tiles: dict[int, list[torch.Tensor]] = {}  # victim -> truth, then (start, end) per start
+
+    def report(r: LandscapeRow, truth: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
+        console.print(f"  client {r.client}, {r.start}: PSNR {r.start_psnr:.2f} -> {r.end_psnr:.2f}, objective "
+                      f"{r.start_objective:.4f} -> {r.end_objective:.4f}, rank {r.start_id_rank} -> {r.end_id_rank}",
+                      highlight=False, soft_wrap=True)
+        tiles.setdefault(r.client, [truth[0]]).extend([start[0], end[0]])  # a multi-image case shows its first
+
+    rows = probe(config, clients, args.iterations, args.lr, args.attack,
+                 starts={n: STARTS[n] for n in names}, on_case=report)
     frame = pd.DataFrame([asdict(r) for r in rows])
     summary = frame.groupby("start", sort=False).agg(
         victims=("client", "size"), start_psnr=("start_psnr", "mean"), end_psnr=("end_psnr", "mean"),
@@ -158,4 +174,19 @@ def main(argv: list[str] | None = None) -> int:
                       f"{r.end_objective:.4f}", f"{r.start_rank1}/{r.victims}", f"{r.end_rank1}/{r.victims}")
     console.print(table)
     write_rows(frame, args.out, console)
+    if args.grid:
+        save_grid(tiles, args.grid)
+        console.print(f"pictures saved to {args.grid} (per victim: the truth, then each start and where it ended)")
     return 0
+
+
+def save_grid(tiles: dict[int, list[torch.Tensor]], path: str) -> None:
+    """One picture row per victim, as gathered by the CLI."""
+    from pathlib import Path
+
+    from torchvision.utils import save_image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    rows = list(tiles.values())
+    save_image(torch.stack([t.expand(3, -1, -1) for row in rows for t in row]), path,
+               nrow=len(rows[0]), padding=2, pad_value=1.0)

@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 
-def test_landscape_scores_the_truth_and_descends_from_a_blur():
+def test_landscape_scores_the_truth_and_descends_from_a_blur(tmp_path):
     """The victim's own face matches its update (the objective is its TV term alone: 0.0018
     measured, against 0.19 for the face blurred by 2 px); from the blur the attack lowers the
-    objective (0.19 -> 0.11 in 20 steps, measured). A bad --clients is an error."""
+    objective (0.19 -> 0.11 in 20 steps, measured). The CLI saves the pictures: per victim the
+    truth, then each start and its end. A bad --clients or --starts is an error."""
+    from PIL import Image
+
     from benchmarks.landscape import STARTS, main, probe
     from fl_sim.config import load_config
 
@@ -16,3 +19,9 @@ def test_landscape_scores_the_truth_and_descends_from_a_blur():
     assert blur.end_objective < 0.9 * blur.start_objective
     assert truth.start_id_rank == 1
     assert main(["--clients", "0,x"]) == 2
+    assert main(["--starts", "blur 3 px"]) == 2
+
+    grid = tmp_path / "grid.png"
+    assert main(["--clients", "0,1", "--starts", "truth,blur 2 px", "--iterations", "2", "--grid", str(grid)]) == 0
+    width, height = Image.open(grid).size
+    assert (width, height) == (5 * 66 + 2, 2 * 66 + 2)  # 64 px tiles, 2 px padding: 2 victims x (truth + 2 x 2)
