@@ -16,7 +16,7 @@ identities.
 
     fl-sim bench landscape                                       # dev victims of the priors bench
     fl-sim bench landscape --clients 0,1 --iterations 2000 --lr 0.003 --grid landscape.png
-    fl-sim bench landscape --starts "blur 1 px,blur 2 px" --out rows.csv
+    fl-sim bench landscape --starts "blur 1 px,blur 2 px" --param tv=0.1 --out rows.csv
     fl-sim bench landscape configs/bench/dfleak.yaml model.weights=RUN/global_model.pt
 """
 from __future__ import annotations
@@ -69,21 +69,27 @@ class LandscapeRow:
 
 
 def probe(config, clients: list[int], iterations: int, lr: float, attack: str = "invertg",
-          starts: dict | None = None, seed: int = 0,
+          starts: dict | None = None, seed: int = 0, params: dict | None = None,
           on_case: Callable[[LandscapeRow, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
           ) -> list[LandscapeRow]:
     """Run the attack from each start on each victim; one row per (victim, start).
-    `on_case(row, truth, start, end)` sees each result as it comes, with its images."""
+    `params` override the attack's other settings (e.g. {"tv": 0.1}); `on_case(row, truth,
+    start, end)` sees each result as it comes, with its images."""
+    import dataclasses
+
     from attacks.engine import reference_objective
     from attacks.registry import ATTACKS
     from fl_sim.federated_data import federated_data
     from fl_sim.metrics import IdentityGallery, id_similarity, psnr
+    from fl_sim.registry import build_settings
     from server.cases import simulate_victims
 
     ds = federated_data(config).dataset
     backend = config.metrics.id_backend or "facenet"
     gallery = IdentityGallery.of(ds.images, ds.identities, backend)
-    cls = ATTACKS.get(attack)  # built directly below: the start is a tensor, not a config value
+    cls = ATTACKS.get(attack)
+    # validated as a user's settings; the start is a tensor, not a config value, so it goes in after
+    base = build_settings(cls.Config, {**(params or {}), "iterations": iterations, "lr": lr}, "--param")
     g = torch.Generator().manual_seed(seed)
     rows = []
     for victim in simulate_victims(config, clients):
@@ -91,7 +97,7 @@ def probe(config, clients: list[int], iterations: int, lr: float, attack: str = 
         index = np.asarray(victim.truth_index)
         for name, (degrade, level) in (STARTS if starts is None else starts).items():
             start = degrade(truth, level, g).clamp(0, 1)
-            cfg = cls.Config(iterations=iterations, lr=lr, init="tensor", init_image=start)
+            cfg = dataclasses.replace(base, init="tensor", init_image=start)
             result = cls(cfg).run(victim.case)
             end = result.images.float()
             ranks = gallery.ranks(torch.cat([start, end]), np.concatenate([index, index]))
@@ -120,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=1000)
     p.add_argument("--lr", type=float, default=0.01,
                    help="step size from the start (default 0.01: a tenth of InvertG's, the start is close)")
+    p.add_argument("--param", dest="params", action="append", default=[],
+                   help="key=value: another setting of the attack (e.g. tv=0.1), as for fl-sim attack")
     return p
 
 
@@ -147,9 +155,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.iterations < 1 or args.lr <= 0:
         console.print("[red]error:[/] --iterations must be >= 1 and --lr > 0")
         return 2
+    from fl_sim.registry import build_settings
+    from attacks.registry import ATTACKS
+    from server.offline import parse_params
+
+    try:
+        params = parse_params(args.params)
+        build_settings(ATTACKS.get(args.attack).Config, params, "--param")  # fail before any victim is built
+    except ValueError as exc:
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 2
     t0 = time.perf_counter()
     console.print(f"{args.attack} from the truth and its degradations: clients {clients}, "
-                  f"{args.iterations} iterations at lr {args.lr:g}")
+                  f"{args.iterations} iterations at lr {args.lr:g}" + "".join(f", {k}={v}" for k, v in params.items()))
     tiles: dict[int, list[torch.Tensor]] = {}  # victim -> truth, then (start, end) per start
 
     def report(r: LandscapeRow, truth: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
@@ -159,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         tiles.setdefault(r.client, [truth[0]]).extend([start[0], end[0]])  # a multi-image case shows its first
 
     rows = probe(config, clients, args.iterations, args.lr, args.attack,
-                 starts={n: STARTS[n] for n in names}, on_case=report)
+                 starts={n: STARTS[n] for n in names}, params=params, on_case=report)
     frame = pd.DataFrame([asdict(r) for r in rows])
     summary = frame.groupby("start", sort=False).agg(
         victims=("client", "size"), start_psnr=("start_psnr", "mean"), end_psnr=("end_psnr", "mean"),

@@ -6,7 +6,7 @@ def test_landscape_scores_the_truth_and_descends_from_a_blur(tmp_path):
     """The victim's own face matches its update (the objective is its TV term alone: 0.0018
     measured, against 0.19 for the face blurred by 2 px); from the blur the attack lowers the
     objective (0.19 -> 0.11 in 20 steps, measured). The CLI saves the pictures: per victim the
-    truth, then each start and its end. A bad --clients or --starts is an error."""
+    truth, then each start and its end. A bad --clients, --starts or --param is an error."""
     from PIL import Image
 
     from benchmarks.landscape import STARTS, main, probe
@@ -20,6 +20,7 @@ def test_landscape_scores_the_truth_and_descends_from_a_blur(tmp_path):
     assert truth.start_id_rank == 1
     assert main(["--clients", "0,x"]) == 2
     assert main(["--starts", "blur 3 px"]) == 2
+    assert main(["--param", "tvv=1"]) == 2  # an attack setting that does not exist
 
     grid = tmp_path / "grid.png"
     assert main(["--clients", "0,1", "--starts", "truth,blur 2 px", "--iterations", "2", "--grid", str(grid)]) == 0
