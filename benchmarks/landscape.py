@@ -3,16 +3,18 @@
 An optimisation attack can return no more of a face than its objective singles out. This
 benchmark asks the objective directly, with the truth in hand (so only an auditor can run it):
 it starts the attack's own optimisation *at* the victim's face, sharp, blurred and noised,
-and reports where it goes. If the optimisation moves away from a 2 px blur of the truth, no
-better start makes it hold a face at that level, and a prior would have to supply what the
-update does not say.
+reports where it goes, and walks the straight path from each start to the face. Two
+questions apart: does the objective single out the face (it falls all the way along the
+path), and does the attack's descent find it (or does it end, further from the face, at an
+objective that the path reaches much closer to it)?
 The critic's figures (`fl-sim bench critic`) say what each level means for re-identification.
 
 For each victim and start: the start's PSNR and objective (the attack's matching loss plus
 its priors, recomputed in float64), then the same after `--iterations` steps of the attack
 (InvertG's recipe by default: 1 - cosine + TV, signed Adam, step decay, from that start at
-`--lr`), and the critic's identity similarity and rank of the result among the data set's
-identities.
+`--lr`), the critic's identity similarity and rank of the result among the data set's
+identities, and on the path from the start to the face: whether the objective falls at every
+point measured, and the PSNR of the path's image that scores what the attack ended at.
 
     fl-sim bench landscape                                       # dev victims of the priors bench
     fl-sim bench landscape --clients 0,1 --iterations 2000 --lr 0.003 --grid landscape.png
@@ -66,6 +68,25 @@ class LandscapeRow:
     start_id_rank: int  # the critic's rank of the true person (1 = named first); worst image of the case
     end_id_rank: int
     end_id_similarity: float
+    # The straight path from the start to the truth: does the objective fall all the way, and
+    # how close to the truth (PSNR) is the path's image that scores what the attack ended at?
+    # High while end_psnr is low: the objective does single out the face, the descent misses it.
+    line_descends: bool
+    line_psnr_at_end: float
+
+
+LINE = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 1.0)  # points on the path from the start (0) to the truth (1)
+
+
+def _path_psnr_at(objective: float, ts: tuple[float, ...], values: list[float], psnr_at) -> float:
+    """PSNR of the first image on the path whose objective is down to `objective` (linear in t
+    between the measured points); the start's if the start already scores that."""
+    for (t0, v0), (t1, v1) in zip(zip(ts, values), zip(ts[1:], values[1:])):
+        if v1 <= objective < v0:
+            return psnr_at(t0 + (t1 - t0) * (v0 - objective) / (v0 - v1))
+        if v0 <= objective:
+            return psnr_at(t0)
+    return psnr_at(ts[-1])
 
 
 def probe(config, clients: list[int], iterations: int, lr: float, attack: str = "invertg",
@@ -101,14 +122,20 @@ def probe(config, clients: list[int], iterations: int, lr: float, attack: str = 
             result = cls(cfg).run(victim.case)
             end = result.images.float()
             ranks = gallery.ranks(torch.cat([start, end]), np.concatenate([index, index]))
+
+            def on_path(t: float) -> torch.Tensor:
+                return start + t * (truth - start)
+
+            def psnr_at(t: float) -> float:
+                return float(psnr(on_path(t), truth).clamp(max=100).mean())
+
+            line = [reference_objective(victim.case, on_path(t), result.labels, cfg) for t in LINE]
+            end_objective = reference_objective(victim.case, end, result.labels, cfg)
             row = LandscapeRow(
-                victim.client, name,
-                float(psnr(start, truth).clamp(max=100).mean()),
-                reference_objective(victim.case, start, result.labels, cfg),
-                float(psnr(end, truth).clamp(max=100).mean()),
-                reference_objective(victim.case, end, result.labels, cfg),
-                int(ranks[: len(index)].max()), int(ranks[len(index):].max()),
-                float(id_similarity(end, truth, backend).mean()))
+                victim.client, name, psnr_at(0.0), line[0], float(psnr(end, truth).clamp(max=100).mean()),
+                end_objective, int(ranks[: len(index)].max()), int(ranks[len(index):].max()),
+                float(id_similarity(end, truth, backend).mean()),
+                all(b < a for a, b in zip(line, line[1:])), _path_psnr_at(end_objective, LINE, line, psnr_at))
             rows.append(row)
             if on_case:
                 on_case(row, truth, start, end)
@@ -172,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def report(r: LandscapeRow, truth: torch.Tensor, start: torch.Tensor, end: torch.Tensor) -> None:
         console.print(f"  client {r.client}, {r.start}: PSNR {r.start_psnr:.2f} -> {r.end_psnr:.2f}, objective "
-                      f"{r.start_objective:.4f} -> {r.end_objective:.4f}, rank {r.start_id_rank} -> {r.end_id_rank}",
+                      f"{r.start_objective:.4f} -> {r.end_objective:.4f}, rank {r.start_id_rank} -> {r.end_id_rank}; "
+                      f"the straight path to the face reaches that objective at {r.line_psnr_at_end:.2f} dB",
                       highlight=False, soft_wrap=True)
         tiles.setdefault(r.client, [truth[0]]).extend([start[0], end[0]])  # a multi-image case shows its first
 
@@ -183,13 +211,16 @@ def main(argv: list[str] | None = None) -> int:
         victims=("client", "size"), start_psnr=("start_psnr", "mean"), end_psnr=("end_psnr", "mean"),
         start_objective=("start_objective", "mean"), end_objective=("end_objective", "mean"),
         start_rank1=("start_id_rank", lambda r: int((r == 1).sum())),
-        end_rank1=("end_id_rank", lambda r: int((r == 1).sum())))
+        end_rank1=("end_id_rank", lambda r: int((r == 1).sum())),
+        descends=("line_descends", "sum"), line_psnr=("line_psnr_at_end", "mean"))
     table = Table(title=f"Where the attack goes from the truth ({time.perf_counter() - t0:.0f} s)")
-    for c in ("start", "victims", "PSNR", "PSNR after", "objective", "objective after", "rank-1", "rank-1 after"):
+    for c in ("start", "victims", "PSNR", "PSNR after", "objective", "objective after", "rank-1", "rank-1 after",
+              "path descends", "path PSNR at that objective"):
         table.add_column(c, justify="left" if c == "start" else "right")
     for r in summary.itertuples():
         table.add_row(r.Index, str(r.victims), f"{r.start_psnr:.2f}", f"{r.end_psnr:.2f}", f"{r.start_objective:.4f}",
-                      f"{r.end_objective:.4f}", f"{r.start_rank1}/{r.victims}", f"{r.end_rank1}/{r.victims}")
+                      f"{r.end_objective:.4f}", f"{r.start_rank1}/{r.victims}", f"{r.end_rank1}/{r.victims}",
+                      f"{r.descends}/{r.victims}", f"{r.line_psnr:.2f}")
     console.print(table)
     write_rows(frame, args.out, console)
     if args.grid:
