@@ -214,8 +214,10 @@ def main(argv: list[str] | None = None) -> int:
         end_rank1=("end_id_rank", lambda r: int((r == 1).sum())),
         descends=("line_descends", "sum"), line_psnr=("line_psnr_at_end", "mean"))
     table = Table(title=f"Where the attack goes from the truth ({time.perf_counter() - t0:.0f} s)")
-    for c in ("start", "victims", "PSNR", "PSNR after", "objective", "objective after", "rank-1", "rank-1 after",
-              "path descends", "path PSNR at that objective"):
+    # "path": the straight path from the start to the face; "dB at end obj.": where on it the
+    # objective is down to the attack's end
+    for c in ("start", "victims", "PSNR", "PSNR after", "obj.", "obj. after", "rank-1", "rank-1 after",
+              "path falls", "path dB at end obj."):
         table.add_column(c, justify="left" if c == "start" else "right")
     for r in summary.itertuples():
         table.add_row(r.Index, str(r.victims), f"{r.start_psnr:.2f}", f"{r.end_psnr:.2f}", f"{r.start_objective:.4f}",
