@@ -105,12 +105,13 @@ def probe(config, clients: list[int], iterations: int, lr: float, attack: str = 
     from fl_sim.registry import build_settings
     from server.cases import simulate_victims
 
+    cls = ATTACKS.get(attack)
+    # validated as a user's settings (a SettingsError before any victim is built); the start is
+    # a tensor, not a config value, so it goes in after
+    base = build_settings(cls.Config, {**(params or {}), "iterations": iterations, "lr": lr}, "--param")
     ds = federated_data(config).dataset
     backend = config.metrics.id_backend or "facenet"
     gallery = IdentityGallery.of(ds.images, ds.identities, backend)
-    cls = ATTACKS.get(attack)
-    # validated as a user's settings; the start is a tensor, not a config value, so it goes in after
-    base = build_settings(cls.Config, {**(params or {}), "iterations": iterations, "lr": lr}, "--param")
     g = torch.Generator().manual_seed(seed)
     rows = []
     for victim in simulate_victims(config, clients):
@@ -182,13 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.iterations < 1 or args.lr <= 0:
         console.print("[red]error:[/] --iterations must be >= 1 and --lr > 0")
         return 2
-    from fl_sim.registry import build_settings
-    from attacks.registry import ATTACKS
+    from fl_sim.registry import SettingsError
     from server.offline import parse_params
 
     try:
         params = parse_params(args.params)
-        build_settings(ATTACKS.get(args.attack).Config, params, "--param")  # fail before any victim is built
     except ValueError as exc:
         console.print(f"[red]error:[/] {exc}", highlight=False)
         return 2
@@ -204,8 +203,12 @@ def main(argv: list[str] | None = None) -> int:
                       highlight=False, soft_wrap=True)
         tiles.setdefault(r.client, [truth[0]]).extend([start[0], end[0]])  # a multi-image case shows its first
 
-    rows = probe(config, clients, args.iterations, args.lr, args.attack,
-                 starts={n: STARTS[n] for n in names}, params=params, on_case=report)
+    try:
+        rows = probe(config, clients, args.iterations, args.lr, args.attack,
+                     starts={n: STARTS[n] for n in names}, params=params, on_case=report)
+    except SettingsError as exc:  # a bad --param: probe checks it before any victim is built
+        console.print(f"[red]error:[/] {exc}", highlight=False)
+        return 2
     frame = pd.DataFrame([asdict(r) for r in rows])
     summary = frame.groupby("start", sort=False).agg(
         victims=("client", "size"), start_psnr=("start_psnr", "mean"), end_psnr=("end_psnr", "mean"),
